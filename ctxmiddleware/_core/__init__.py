@@ -1,0 +1,1 @@
+"""The context core: no web framework is imported here."""

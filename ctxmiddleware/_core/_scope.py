@@ -1,0 +1,126 @@
+"""Edge-triggered task cancellation driven by a context: ``async with ctx.scope()``.
+
+This is the one mechanism the package uses to interrupt asyncio code: the scope,
+the ASGI middleware and the integrations all go through :class:`CancelScope`.
+
+It follows the ``asyncio.timeout()`` recipe: when the context is done the task
+is cancelled exactly once, and at the exit ``Task.uncancel()`` tells our
+cancellation apart from one that came from elsewhere. Once-only delivery
+matters: database drivers (psycopg, SQLAlchemy) answer a ``CancelledError`` by
+sending the server a cancel request, and a second cancellation (what anyio's
+level-triggered scopes deliver at every await) interrupts that request and
+leaves the query running on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from ._context import _subscribe, cause
+
+if TYPE_CHECKING:
+    from ._context import Context
+
+__all__ = ["CancelScope"]
+
+_CREATED, _ENTERED, _CANCELLING, _DISARMED, _EXITED = range(5)
+
+
+class CancelScope:
+    """Cancels the task that entered it, once, when its context is done.
+
+    At the exit, if that cancellation interrupted the block, the block raises
+    ``ctx.err()`` (a :class:`Canceled` or :class:`DeadlineExceeded`) chained
+    to the cause; a cancellation from anywhere else propagates as
+    ``asyncio.CancelledError``, untouched.
+    """
+
+    __slots__ = ("_ctx", "_task", "_loop", "_state", "_unlink", "_cancelling", "_fired")
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._task: asyncio.Task[object] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = _CREATED
+        self._unlink: object = None
+        self._cancelling = 0
+        self._fired = False
+
+    @property
+    def cancel_called(self) -> bool:
+        """True once this scope has cancelled its task."""
+        return self._fired
+
+    async def __aenter__(self) -> Context:
+        return self._enter()
+
+    def _enter(self) -> Context:
+        if self._state != _CREATED:
+            raise RuntimeError("a scope can be entered only once")
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("ctx.scope() must be used inside an asyncio task")
+        self._task = task
+        self._loop = task.get_loop()
+        self._cancelling = task.cancelling()
+        self._state = _ENTERED
+        # If the context is already done, this cancels the task right away, so
+        # the first await inside the block raises (like an expired timeout).
+        self._unlink = _subscribe(self._ctx, self._on_done, pin=False)
+        return self._ctx
+
+    def _on_done(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        if asyncio._get_running_loop() is loop:
+            self._fire()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._fire)
+            except RuntimeError:  # loop closed: the task is gone
+                pass
+
+    def _fire(self) -> None:
+        if self._state == _ENTERED:
+            self._state = _CANCELLING
+            self._fired = True
+            assert self._task is not None
+            self._task.cancel()
+
+    def _disarm(self) -> bool:
+        """Stop watching the context. False if the task was already cancelled."""
+        if self._state == _ENTERED:
+            self._state = _DISARMED
+            return True
+        return self._state != _CANCELLING
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit(exc_type, exc)
+
+    def _exit(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None
+    ) -> None:
+        unlink = self._unlink
+        if callable(unlink):
+            self._unlink = None
+            unlink()
+        state = self._state
+        self._state = _EXITED
+        if state != _CANCELLING:
+            return
+        task = self._task
+        assert task is not None
+        if task.uncancel() <= self._cancelling and (
+            exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+        ):
+            err = self._ctx.err()
+            assert err is not None
+            why = cause(self._ctx)
+            raise err from (why if why is not err else exc)
