@@ -20,6 +20,7 @@ hold their context strongly until they fire or are stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import math
@@ -67,6 +68,7 @@ CancelCauseFunc = Callable[..., None]
 _log = logging.getLogger("ctxmiddleware")
 _lock = threading.Lock()
 _monotonic = time.monotonic
+_MAX_WAIT = 86400.0  # longest single blocking wait; longer ones loop
 _WeakRef = weakref.ReferenceType
 
 # Number of watchers started for parents this module cannot see through (a
@@ -137,7 +139,10 @@ class Done:
             return True
         waiter = threading.Lock()
         waiter.acquire()
-        if not owner._add_listener(waiter.release):
+        # One bound method for add and remove: each attribute access makes a
+        # new one, and listeners are registered and removed by identity.
+        release = waiter.release
+        if not owner._add_listener(release):
             return True
         end = None if timeout is None else _monotonic() + timeout
         try:
@@ -151,12 +156,15 @@ class Done:
                     step = to_deadline if step < 0 else min(step, to_deadline)
                 if end is not None and step <= 0:
                     return owner.err() is not None
+                # Lock.acquire() overflows on timeouts past TIMEOUT_MAX.
+                if step > _MAX_WAIT:
+                    step = _MAX_WAIT
                 if waiter.acquire(timeout=step):
                     return True
                 if owner.err() is not None:
                     return True
         finally:
-            owner._remove_listener(waiter.release)
+            owner._remove_listener(release)
 
     def __await__(self) -> Generator[Any, None, None]:
         owner = self._owner
@@ -184,7 +192,7 @@ _NEVER_DONE = Done()
 class _AsyncWaker:
     """Resolves a future on its own loop when a context is done."""
 
-    __slots__ = ("loop", "future")
+    __slots__ = ("future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -194,10 +202,9 @@ class _AsyncWaker:
         if asyncio._get_running_loop() is self.loop:
             self._wake()
         else:
-            try:
+            # RuntimeError: loop closed, nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # loop closed: nobody is waiting any more
-                pass
 
     def _wake(self) -> None:
         if not self.future.done():
@@ -253,7 +260,9 @@ class Context:
         """Raise ``err()`` if the context is done: a cancellation point for sync loops."""
         e = self.err()
         if e is not None:
-            raise e
+            # err() is one shared instance: drop the traceback of earlier
+            # raises, or every check() would append to it (and keep frames).
+            raise e.with_traceback(None)
 
     def scope(self) -> CancelScope:
         """``async with ctx.scope():`` cancels the enclosing task when ``ctx`` is done.
@@ -321,14 +330,14 @@ class _CancelCtx(Context):
     """
 
     __slots__ = (
-        "_parent",
-        "_link",
-        "_err",
+        "__weakref__",
         "_cause",
         "_children",
-        "_done",
         "_dnode",
-        "__weakref__",
+        "_done",
+        "_err",
+        "_link",
+        "_parent",
     )
 
     def __init__(self, parent: Context) -> None:
@@ -408,9 +417,12 @@ class _CancelCtx(Context):
                 siblings = link._children  # type: ignore[union-attr]
                 if siblings is not None:
                     siblings.pop(id(self), None)
-            if self._children is None and type(self) is _CancelCtx:
-                if link is None or not remove or type(link) in _NODE_TYPES:
-                    return  # the common case: nothing else to do
+            if (
+                self._children is None
+                and type(self) is _CancelCtx
+                and (link is None or not remove or type(link) in _NODE_TYPES)
+            ):
+                return  # the common case: nothing else to do
             listeners, timers = self._mark_descendants(err, cause)
         for timer in timers:
             timer.cancel()
@@ -492,7 +504,7 @@ class _CancelCtx(Context):
 class _TimerCtx(_CancelCtx):
     """A cancellable context with its own deadline (Go's timerCtx)."""
 
-    __slots__ = ("_when", "_timer", "_deadline_cause")
+    __slots__ = ("_deadline_cause", "_timer", "_when")
 
     def __init__(
         self, parent: Context, when: float, deadline_cause: BaseException | None
@@ -506,9 +518,53 @@ class _TimerCtx(_CancelCtx):
     def _expire(self) -> None:
         self._cancel(True, DeadlineExceeded(), self._deadline_cause)
 
+    # -- request roots (used by the web adapters) --------------------------
+    # A request's root context is built before routing, but a route may set
+    # its own timeout, so its deadline can be moved until the app starts
+    # deriving work from it. _when == inf means "no deadline".
+
+    def _arm(self) -> None:
+        """Start the timer (roots are built without one: most requests end first)."""
+        with _lock:
+            if self._err is not None or self._timer is not None or self._when == math.inf:
+                return
+            if self._when > _monotonic():
+                self._timer = start_timer(self._when, self._expire)
+                return
+        self._expire()
+
+    def _move_deadline(self, when: float) -> None:
+        """Replace the deadline; re-arm the timer if one was running."""
+        with _lock:
+            if self._err is not None:
+                return
+            old = self._timer
+            self._timer = None
+            self._when = when
+            self._dnode = self if when != math.inf else None
+        if old is not None:
+            old.cancel()
+            self._arm()
+
+    def deadline(self) -> float | None:
+        if self._dnode is None:  # a request root without a deadline
+            return self._parent.deadline()
+        return self._when
+
     def __str__(self) -> str:
+        if self._when == math.inf:
+            return f"{self._parent}.with_cancel"
         left = self._when - _monotonic()
         return f"{self._parent}.with_deadline({self._when:.6f} [{left:.6f}s])"
+
+
+def _new_request_root(parent: Context, when: float) -> _TimerCtx:
+    """A cancellable context with a movable deadline and no timer yet (see _arm)."""
+    root = _TimerCtx(parent, when, None)
+    if when == math.inf:
+        root._dnode = None
+    _propagate(parent, root)
+    return root
 
 
 _NODE_TYPES = (_CancelCtx, _TimerCtx)
@@ -517,7 +573,7 @@ _NODE_TYPES = (_CancelCtx, _TimerCtx)
 class _ValueCtx(Context):
     """A context that binds one key to one value and delegates the rest."""
 
-    __slots__ = ("_parent", "_key", "_val", "_src")
+    __slots__ = ("_key", "_parent", "_src", "_val")
 
     def __init__(self, parent: Context, key: Hashable, val: object) -> None:
         self._parent = parent
@@ -628,7 +684,7 @@ def _propagate(parent: Context, child: _CancelCtx) -> None:
         if node is None and type(src) in (_EmptyCtx, _WithoutCancelCtx):
             return
     elif t is _CancelCtx or t is _TimerCtx:
-        node = parent  # type: ignore[assignment]
+        node = parent
     elif t is _EmptyCtx or t is _WithoutCancelCtx:
         return
     else:
@@ -754,7 +810,9 @@ def _seconds(timeout: float | datetime.timedelta) -> float:
 def with_timeout(
     parent: Context, timeout: float | datetime.timedelta
 ) -> tuple[Context, CancelFunc]:
-    """``with_deadline(parent, time.monotonic() + timeout)``; ``timeout`` in seconds or a timedelta."""
+    """``with_deadline(parent, time.monotonic() + timeout)``.
+
+    ``timeout`` is in seconds or a :class:`datetime.timedelta`."""
     return with_deadline_cause(parent, _monotonic() + _seconds(timeout), None)
 
 
@@ -797,23 +855,24 @@ def cause(ctx: Context) -> BaseException | None:
     """Why ``ctx`` is done: the cause passed to its cancel function (or to
     ``with_*_cause``), else ``ctx.err()``. ``None`` while it is not done."""
     node = ctx.value(_CANCEL_NODE)
-    if type(node) in _NODE_TYPES:
+    if node is not None and type(node) in _NODE_TYPES:
         c = node._cause
         if c is not None:
-            return c  # type: ignore[no-any-return]
+            return c
         err = ctx.err()
         if err is None:
             return None
         # A cancellation may have landed between the two reads; it stores the
         # cause before the error, so the cause is visible now.
-        return node._cause or err  # type: ignore[no-any-return]
+        c = node._cause
+        return c if c is not None else err
     return ctx.err()
 
 
 class _AfterFunc:
     """One ``after_func`` registration: runs ``fn`` at most once, in its own thread."""
 
-    __slots__ = ("_fn", "_state", "_unlink", "__weakref__")
+    __slots__ = ("__weakref__", "_fn", "_state", "_unlink")
 
     _PENDING, _STARTED, _STOPPED = 0, 1, 2
 
@@ -858,11 +917,13 @@ def after_func(ctx: Context, fn: Callable[[], object]) -> Callable[[], bool]:
     for a running ``fn``.
     """
     registration = _AfterFunc(fn)
-    _subscribe(ctx, registration, pin=True)
+    _subscribe(_check_parent(ctx), registration, pin=True)
     return registration.stop
 
 
-def _subscribe(ctx: Context, fn: _AfterFunc | Callable[[], object], pin: bool) -> Callable[[], object] | None:
+def _subscribe(
+    ctx: Context, fn: _AfterFunc | Callable[[], object], pin: bool
+) -> Callable[[], object] | None:
     """Call ``fn()`` once ``ctx`` is done (right away if it is).
 
     Returns a function that undoes the subscription, or None when ``fn`` ran

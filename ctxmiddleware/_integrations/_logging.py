@@ -1,0 +1,47 @@
+"""Request id and client IP in every log record, from the current context."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from typing import Any
+
+from .._core._context import current
+from .._web._values import CLIENT_IP, REQUEST_ID
+
+__all__ = ["RequestContextFilter", "add_request_context"]
+
+
+class RequestContextFilter(logging.Filter):
+    """Adds ``request_id`` and ``client_ip`` attributes to every record.
+
+    Outside a request (or in code not bound to its context) both are
+    ``default`` (``"-"``), so a format string using them never fails::
+
+        handler.addFilter(RequestContextFilter())
+        logging.Formatter("%(asctime)s %(request_id)s %(client_ip)s %(message)s")
+    """
+
+    def __init__(self, name: str = "", default: str = "-") -> None:
+        super().__init__(name)
+        self.default = default
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = current()
+        record.request_id = ctx.value(REQUEST_ID) or self.default
+        record.client_ip = ctx.value(CLIENT_IP) or self.default
+        return True
+
+
+def add_request_context(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor adding ``request_id`` and ``client_ip`` when in a request."""
+    ctx = current()
+    request_id = ctx.value(REQUEST_ID)
+    if request_id is not None:
+        event_dict.setdefault("request_id", request_id)
+        client_ip = ctx.value(CLIENT_IP)
+        if client_ip is not None:
+            event_dict.setdefault("client_ip", client_ip)
+    return event_dict

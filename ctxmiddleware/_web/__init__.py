@@ -1,0 +1,1 @@
+"""Web adapters: the ASGI middleware and what it puts in a request's context."""

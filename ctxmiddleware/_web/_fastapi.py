@@ -1,0 +1,37 @@
+"""FastAPI dependencies: ``ctx: RequestContext`` and per-route timeouts."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from .._core._context import Context
+from ._asgi import set_request_timeout
+
+__all__ = ["RequestContext", "RouteTimeout", "request_context"]
+
+
+def request_context(conn: HTTPConnection) -> Context:
+    """The request's context (``request.state.ctx``), set by ContextMiddleware."""
+    ctx = conn.scope.get("state", {}).get("ctx")
+    if not isinstance(ctx, Context):
+        raise RuntimeError("ContextMiddleware is not installed on this app")
+    return ctx
+
+
+RequestContext = Annotated[Context, Depends(request_context)]
+"""``async def handler(ctx: RequestContext)``: the request's context."""
+
+
+def RouteTimeout(seconds: float | None) -> Any:
+    """A route option: ``@app.get("/report", dependencies=[RouteTimeout(120)])``.
+
+    Same rules as :func:`ctxmiddleware.route_timeout`.
+    """
+
+    async def apply() -> None:  # async: runs on the loop, not in a worker thread
+        set_request_timeout(seconds)
+
+    return Depends(apply)
