@@ -362,10 +362,10 @@ class _HttpRequest:
             watcher = self.watcher
             if watcher is not None and not watcher.done():
                 watcher.cancel()
+            root._cancel_func()
+            self._log_end()  # still bound: log filters see the request id
             _active_request.reset(request_token)
             _current.reset(token)
-            root._cancel_func()
-            self._log_end()
 
     # -- outcomes --------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""A small Starlette service showing ctxmiddleware at work (``make run``)."""
