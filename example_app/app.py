@@ -4,14 +4,24 @@ Try it (``make run`` in one terminal)::
 
     curl -i localhost:8000/slow?seconds=10        # press Ctrl-C: the log says "cancelled"
     curl -i -H 'x-request-timeout-ms: 500' localhost:8000/slow   # 504 after 0.5 s
+    curl -i localhost:8000/report?seconds=5       # a slow SQL query; Ctrl-C stops it in the DB
+    curl -i localhost:8000/fanout                 # downstream call + query, cancelled together
     curl -i -H 'Authorization: Bearer s3cret' localhost:8000/values
+
+Environment: ``DATABASE_URL`` (``postgresql://...``; default: embedded SQLite),
+``DOWNSTREAM_URL`` (the service ``/fanout`` calls; default: this one),
+``REQUEST_TIMEOUT`` (seconds, default 30), ``TRUSTED_PROXIES`` (comma-separated
+IPs/CIDRs), ``HOST``/``PORT`` (see ``__main__``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import time
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -22,7 +32,10 @@ from starlette.routing import Route
 import ctxmiddleware
 from ctxmiddleware import AUTH_TOKEN, CLIENT_IP, REQUEST_ID, Context
 
+from .db import Database
+
 log = logging.getLogger("example_app")
+db = Database()
 
 
 async def slow(request: Request) -> Response:
@@ -73,14 +86,66 @@ async def background(request: Request) -> Response:
     return PlainTextResponse("accepted\n", background=BackgroundTask(audit, request.state.ctx))
 
 
+async def report(request: Request) -> Response:
+    """A slow SQL query that stops in the database when the request is cancelled."""
+    ctx: Context = request.state.ctx
+    seconds = float(request.query_params.get("seconds", "5"))
+    started = time.monotonic()
+    try:
+        result = await db.slow_report(seconds, ctx)
+    except (ctxmiddleware.ContextError, asyncio.CancelledError):
+        log.warning(
+            "report: query stopped after %.3f s: err=%r cause=%r",
+            time.monotonic() - started, ctx.err(), ctxmiddleware.cause(ctx),
+        )
+        raise
+    return PlainTextResponse(result + "\n")
+
+
+async def fanout(request: Request) -> Response:
+    """Calls the downstream service and the database concurrently.
+
+    The spawned tasks inherit the request context (``current()``), so a
+    disconnect or the deadline cancels them all: the downstream service sees
+    its client (us) go away, and the query stops in the database.
+    """
+    seconds = float(request.query_params.get("seconds", "3"))
+    downstream = os.environ.get("DOWNSTREAM_URL") or f"http://{request.url.netloc}"
+    ctx = ctxmiddleware.current()
+    # No httpx timeout of its own: the request's deadline bounds the call.
+    params = {"seconds": seconds}
+    async with ctxmiddleware.httpx_async_client(timeout=None) as client, asyncio.TaskGroup() as tg:
+        call = tg.create_task(client.get(f"{downstream}/report", params=params))
+        query = tg.create_task(db.slow_report(seconds, ctx))
+    return JSONResponse(
+        {"downstream": call.result().text.strip(), "database": query.result()}
+    )
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse(f"ok {db.kind}\n")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    await db.open()
+    try:
+        yield
+    finally:
+        await db.close()
+
+
 routes = [
     Route("/slow", slow),
+    Route("/report", report),
+    Route("/fanout", fanout),
     Route("/values", values),
     Route("/background", background),
+    Route("/healthz", healthz),
 ]
 
 app = ctxmiddleware.ContextMiddleware(
-    Starlette(routes=routes),
+    Starlette(routes=routes, lifespan=lifespan),
     timeout=float(os.environ.get("REQUEST_TIMEOUT", "30")),
     trusted_proxies=[p for p in os.environ.get("TRUSTED_PROXIES", "").split(",") if p],
 )
