@@ -62,12 +62,11 @@ def serve(app: Any, kind: str = "uvicorn-h11", **options: Any) -> Iterator[Runni
                     port=port,
                     http="h11" if kind == "uvicorn-h11" else "httptools",
                     loop="asyncio",
-                    lifespan="off",
                     log_level="warning",
                     access_log=False,
                     # The middleware, not the server, decides whom to trust.
                     proxy_headers=False,
-                    **options,
+                    **{"lifespan": "off", **options},
                 )
                 server = uvicorn.Server(config)
                 stop["fn"] = lambda: setattr(server, "should_exit", True)
@@ -102,9 +101,10 @@ def serve(app: Any, kind: str = "uvicorn-h11", **options: Any) -> Iterator[Runni
                     )
                     deadline = time.monotonic() + 10
                     while time.monotonic() < deadline:
-                        with contextlib.suppress(OSError):
-                            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                                break
+                        with contextlib.suppress(OSError), socket.create_connection(
+                            ("127.0.0.1", port), timeout=0.2
+                        ):
+                            break
                         await asyncio.sleep(0.01)
                     started.set()
                     await task

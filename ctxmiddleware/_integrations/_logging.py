@@ -16,7 +16,9 @@ class RequestContextFilter(logging.Filter):
     """Adds ``request_id`` and ``client_ip`` attributes to every record.
 
     Outside a request (or in code not bound to its context) both are
-    ``default`` (``"-"``), so a format string using them never fails::
+    ``default`` (``"-"``), so a format string using them never fails. Values
+    already on the record (``extra=``, or set by this filter on a
+    ``QueueHandler`` in the request) are kept::
 
         handler.addFilter(RequestContextFilter())
         logging.Formatter("%(asctime)s %(request_id)s %(client_ip)s %(message)s")
@@ -27,9 +29,16 @@ class RequestContextFilter(logging.Filter):
         self.default = default
 
     def filter(self, record: logging.LogRecord) -> bool:
-        ctx = current()
-        record.request_id = ctx.value(REQUEST_ID) or self.default
-        record.client_ip = ctx.value(CLIENT_IP) or self.default
+        # Values already on the record win: ``extra=``, or an earlier run of this
+        # filter in the request's own thread (a QueueHandler's, say) when the
+        # record is handled again elsewhere, outside the request.
+        attrs = record.__dict__
+        if "request_id" not in attrs or "client_ip" not in attrs:
+            ctx = current()
+            if "request_id" not in attrs:
+                record.request_id = ctx.value(REQUEST_ID) or self.default
+            if "client_ip" not in attrs:
+                record.client_ip = ctx.value(CLIENT_IP) or self.default
         return True
 
 

@@ -316,7 +316,9 @@ class _HttpRequest:
             # The caller's budget is already spent: don't run the handler.
             root._expire()
             await self._send_timeout()
+            bound = _current.set(root)  # log filters see the request id
             self._log_end()
+            _current.reset(bound)
             return
 
         loop = self.loop = asyncio.get_running_loop()
@@ -428,9 +430,11 @@ class _HttpRequest:
                 self.status = message["status"]
                 self.trailers = bool(message.get("trailers", False))
                 message = dict(message)
+                rid_name = self.mw._rid_name
+                # Exactly one request id, the one the logs carry: drop the app's.
                 message["headers"] = [
-                    *message.get("headers", ()),
-                    (self.mw._rid_name, self.request_id.encode("ascii")),
+                    *(h for h in message.get("headers", ()) if h[0].lower() != rid_name),
+                    (rid_name, self.request_id.encode("ascii")),
                 ]
         elif kind == "http.response.body":
             if not message.get("more_body", False) and not self.trailers:
