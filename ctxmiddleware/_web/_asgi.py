@@ -326,6 +326,7 @@ class _HttpRequest:
             root._arm()
         ticker = self.ticker = mw._ticker_for(loop)
         ticker.add(self)
+        inside_starlette = "app" in scope  # set by Starlette before its middleware run
         cancel_scope = self.cancel_scope = CancelScope(root)
         token = _current.set(root)
         request_token = _active_request.set(self)
@@ -348,15 +349,21 @@ class _HttpRequest:
             await self._on_context_done(err)
         except Exception:
             err = root.err()
-            if err is not None and cancel_scope.cancel_called:
+            if err is not None and (
+                cancel_scope.cancel_called or isinstance(cause(root), ClientDisconnected)
+            ):
                 # What the app raised while being cancelled (a driver's own
-                # error, say) is a consequence of the cancellation.
+                # error, say) is a consequence of the cancellation. So is what
+                # it raised on learning of a disconnect before our cancellation
+                # landed (Starlette's ClientDisconnect, an OSError from send).
                 _log.debug("ctxmiddleware: error while cancelling the app", exc_info=True)
                 await self._on_context_done(err)
                 return
-            if not self.started:
-                # Let the 500 carry the request id even when an outer error
-                # middleware, or the server, turns this into the response.
+            if not self.started and not inside_starlette:
+                # We wrap the whole app: nothing outside us will answer but
+                # the server, whose 500 would lack the request id. (Inside a
+                # Starlette app, scope["app"] is set before we run: there its
+                # error middleware and the user's 500 handler answer.)
                 await self._send_plain(500, b"Internal Server Error")
             raise
         finally:
@@ -462,6 +469,10 @@ class _HttpRequest:
 
     async def receive(self) -> Message:
         if self.watcher is None:
+            if self.disconnect is not None:
+                # Seen already: hypercorn reports it only once, and a second
+                # receive() from it would hang.
+                return self.disconnect
             # The app reads the server directly until the watcher exists:
             # body chunks pass through untouched and in order.
             self.app_reading += 1
