@@ -172,8 +172,13 @@ main_app = ContextMiddleware(
     values=lambda scope: [(MY_KEY, scope["path"])],
 )
 
-# /a: added with add_middleware (so Starlette's ServerErrorMiddleware is outside it).
-added_app = Starlette(routes=starlette_routes("a"))
+# /a: added with add_middleware (so Starlette's ServerErrorMiddleware is outside it),
+# with a user 500 handler that must still answer unhandled errors.
+def custom_500(request: Request, exc: Exception) -> PlainTextResponse:
+    return PlainTextResponse(f"custom 500 for {request.state.ctx.value(REQUEST_ID)}", 500)
+
+
+added_app = Starlette(routes=starlette_routes("a"), exception_handlers={Exception: custom_500})
 added_app.add_middleware(ContextMiddleware, timeout=5)
 
 # /c: a custom request id header.
@@ -604,16 +609,24 @@ def test_request_id_echoed_on_504(client: httpx.Client, prefix: str) -> None:
     assert 0.1 <= elapsed < 2.5
 
 
-@pytest.mark.parametrize("prefix", ["m", "a"], ids=["wrapped", "add_middleware"])
-def test_request_id_echoed_on_unhandled_500(server: RunningServer, prefix: str) -> None:
+def test_request_id_echoed_on_unhandled_500(server: RunningServer) -> None:
+    # Wrapping the whole app: Starlette's 500 goes through the middleware.
     # A new connection each time: the server closes one whose app raised.
-    url = f"{server.url}/{prefix}/boom"
+    url = f"{server.url}/m/boom"
     r = httpx.get(url, headers={"x-request-id": "boom-1"}, timeout=10)
     assert r.status_code == 500
     assert r.headers.get_list("x-request-id") == ["boom-1"]
     r = httpx.get(url, timeout=10)
     assert r.status_code == 500
     assert_fresh_id(r.headers.get("x-request-id"))
+
+
+def test_user_500_handler_answers_when_added_with_add_middleware(server: RunningServer) -> None:
+    # Inside Starlette the middleware must not pre-empt the app's own 500
+    # handler (which still sees the request context).
+    r = httpx.get(f"{server.url}/a/boom", headers={"x-request-id": "boom-2"}, timeout=10)
+    assert r.status_code == 500
+    assert r.text == "custom 500 for boom-2"
 
 
 @pytest.mark.parametrize("path", ["/r/none", "/r/lower", "/r/mixed"])
