@@ -1142,6 +1142,9 @@ def test_websocket_ctx_per_connection(server: RunningServer) -> None:
         if i == 0:
             headers["authorization"] = f"Bearer {TOKEN}"
         with connect(url, additional_headers=headers, open_timeout=5) as ws:
+            # The handshake response carries the request id.
+            assert ws.response is not None
+            assert ws.response.headers.get_all("x-request-id") == [f"ws-{i}"]
             infos.append(json.loads(ws.recv(timeout=5)))
             ws.send("ping")
             assert ws.recv(timeout=5) == "ping"

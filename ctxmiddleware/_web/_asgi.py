@@ -576,7 +576,7 @@ async def _run_websocket(mw: ContextMiddleware, scope: Scope, receive: Receive, 
             if fwd is None:
                 fwd = []
             fwd.append(value)
-    values, _ = mw._request_values(scope, rid, auth, fwd)
+    values, request_id = mw._request_values(scope, rid, auth, fwd)
     root: _TimerCtx = _new_request_root(values, _INF)
     state = scope.get("state")
     if state is None:
@@ -589,9 +589,19 @@ async def _run_websocket(mw: ContextMiddleware, scope: Scope, receive: Receive, 
             root._cancel_cause_func(ClientDisconnected())
         return message
 
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "websocket.accept":
+            # The handshake response carries the request id, like HTTP responses.
+            message = dict(message)
+            message["headers"] = [
+                *(h for h in message.get("headers", ()) if h[0].lower() != mw._rid_name),
+                (mw._rid_name, request_id.encode("ascii")),
+            ]
+        await send(message)
+
     token = _current.set(root)
     try:
-        await mw.app(scope, receive_watching, send)
+        await mw.app(scope, receive_watching, send_with_id)
     finally:
         _current.reset(token)
         root._cancel_func()
