@@ -6,8 +6,11 @@ For every request made under a context (``extensions={"ctx": ctx}``, else
 * fails fast with ``ctx.err()`` if the context is already done;
 * clamps every httpx timeout to ``ctx.remaining()`` and enforces the total
   deadline (httpx timeouts apply per read, so a slow trickle could outlive it);
-* sends ``x-request-timeout-ms`` (the remaining budget minus a safety margin) and
-  ``x-request-id``, so the next service inherits the deadline and the id;
+* sends ``x-request-timeout-ms`` (the remaining budget minus a safety margin,
+  measured again just before the headers go out, after any wait for a pooled
+  connection and the connection set-up) and ``x-request-id``, so the next
+  service inherits the deadline and the id; a caller's own, shorter
+  ``x-request-timeout-ms`` and own ``x-request-id`` are kept;
 * aborts the in-flight request when the context is done, closing the HTTP/1.1
   connection, so the downstream service sees a disconnect and cancels too.
 
@@ -21,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import socket
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -40,6 +44,26 @@ __all__ = [
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
 
 
+def _parse_ms(raw: str | bytes | None) -> int | None:
+    """A budget in whole ms as ContextMiddleware reads it (1 to 10 digits), else None."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = raw.encode("latin-1", "replace")
+    raw = raw.strip()
+    if 0 < len(raw) <= 10 and raw.isdigit():
+        return int(raw)
+    return None
+
+
+# httpcore calls the "trace" extension at each step of a request, with the
+# request it is about to send; "<http11|http2>.send_request_headers.started"
+# comes after the pool wait and the connection set-up, right before the headers
+# are written, so the budget header is refreshed there.
+_SEND_HEADERS = ".send_request_headers.started"
+_USER_TRACE = "_ctxmiddleware_user_trace"
+
+
 class _Propagation:
     """What both transports do to a request before sending it."""
 
@@ -48,29 +72,81 @@ class _Propagation:
             raise ValueError("margin is in seconds, between 0 and 10")
         self.margin = margin
         self.timeout_header = timeout_header
+        self.timeout_name = timeout_header.lower().encode("latin-1")
         self.request_id_header = request_id_header
 
-    def prepare(self, request: httpx.Request) -> Context:
+    def budget_ms(self, remaining: float) -> int:
+        budget_ms = int((remaining - self.margin) * 1000)
+        if budget_ms < 1:
+            raise DeadlineExceeded("not enough time left before the deadline to send a request")
+        return budget_ms
+
+    def prepare(self, request: httpx.Request, is_async: bool) -> Context:
         ctx = request.extensions.get("ctx")
         if not isinstance(ctx, Context):
             ctx = current()
         ctx.check()
         remaining = ctx.remaining()
         if remaining is not None:
-            budget_ms = int((remaining - self.margin) * 1000)
-            if budget_ms < 1:
-                raise DeadlineExceeded("not enough time left before the deadline to send a request")
+            budget_ms = self.budget_ms(remaining)
+            # A shorter budget set by the caller stands; never a longer one.
+            explicit = _parse_ms(request.headers.get(self.timeout_header))
+            if explicit is not None and explicit < budget_ms:
+                budget_ms = explicit
             request.headers[self.timeout_header] = str(budget_ms)
             timeouts = dict(request.extensions.get("timeout") or {})
             for key in _TIMEOUT_KEYS:
                 value = timeouts.get(key)
                 timeouts[key] = remaining if value is None else min(value, remaining)
             request.extensions["timeout"] = timeouts
+            user_trace = request.extensions.get("trace")
+            request.extensions["trace"] = self._trace(ctx, user_trace, is_async)
         if self.request_id_header not in request.headers:
             request_id = ctx.value(REQUEST_ID)
             if request_id is not None:
                 request.headers[self.request_id_header] = request_id
         return ctx
+
+    def refresh(self, ctx: Context, info: dict[str, Any]) -> None:
+        """Lower the budget header of the request about to be sent to what is left now."""
+        remaining = ctx.remaining()
+        headers = getattr(info.get("request"), "headers", None)
+        if remaining is None or not isinstance(headers, list):
+            return
+        budget_ms = self.budget_ms(remaining)
+        name = self.timeout_name
+        for i, (key, value) in enumerate(headers):
+            if key.lower() == name:
+                sent = _parse_ms(value)
+                if sent is None or budget_ms < sent:
+                    headers[i] = (key, str(budget_ms).encode("ascii"))
+
+    def _trace(self, ctx: Context, user_trace: Any, is_async: bool) -> Any:
+        # A redirect reuses the extensions: chain to the caller's trace, not ours.
+        user_trace = getattr(user_trace, _USER_TRACE, user_trace)
+        trace: Any
+        if is_async:
+            user_async: Callable[[str, dict[str, Any]], Awaitable[None]] | None = user_trace
+
+            async def async_trace(event: str, info: dict[str, Any]) -> None:
+                if event.endswith(_SEND_HEADERS):
+                    self.refresh(ctx, info)
+                if user_async is not None:
+                    await user_async(event, info)
+
+            trace = async_trace
+        else:
+            user_sync: Callable[[str, dict[str, Any]], None] | None = user_trace
+
+            def sync_trace(event: str, info: dict[str, Any]) -> None:
+                if event.endswith(_SEND_HEADERS):
+                    self.refresh(ctx, info)
+                if user_sync is not None:
+                    user_sync(event, info)
+
+            trace = sync_trace
+        setattr(trace, _USER_TRACE, user_trace)
+        return trace
 
 
 class ContextTransport(httpx.AsyncBaseTransport):
@@ -95,7 +171,7 @@ class ContextTransport(httpx.AsyncBaseTransport):
         self._propagation = _Propagation(margin, timeout_header, request_id_header)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        ctx = self._propagation.prepare(request)
+        ctx = self._propagation.prepare(request, is_async=True)
         async with ctx.scope():
             response = await self._transport.handle_async_request(request)
         assert isinstance(response.stream, httpx.AsyncByteStream)
@@ -140,21 +216,46 @@ _active_socket: contextvars.ContextVar[_InFlight | None] = contextvars.ContextVa
 )
 
 
-class _InFlight:
-    """The socket a sync request is using, so the context can shut it down."""
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read at once
 
-    __slots__ = ("aborted", "sock")
+
+class _InFlight:
+    """The socket a sync request is using, so the context can shut it down.
+
+    Once the request is over (:meth:`finish`, before its connection goes back
+    to the pool) an abort does nothing: the ``after_func`` thread may start
+    late, and the connection may be carrying another request by then.
+    """
+
+    __slots__ = ("_lock", "aborted", "finished", "sock")
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.sock: socket.socket | None = None
         self.aborted = False
+        self.finished = False
 
     def abort(self) -> None:
-        self.aborted = True
-        sock = self.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read at once
+        with self._lock:
+            if self.finished:
+                return
+            self.aborted = True
+            if self.sock is not None:
+                _shutdown(self.sock)
+
+    def track(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            if self.sock is not None or self.finished or sock is None:
+                return
+            self.sock = sock
+            if self.aborted:
+                _shutdown(sock)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.finished = True
 
 
 class _TrackingStream:
@@ -166,9 +267,7 @@ class _TrackingStream:
     def _track(self) -> None:
         in_flight = _active_socket.get()
         if in_flight is not None and in_flight.sock is None:
-            in_flight.sock = self._stream.get_extra_info("socket")
-            if in_flight.aborted:
-                in_flight.abort()
+            in_flight.track(self._stream.get_extra_info("socket"))
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         self._track()
@@ -209,7 +308,7 @@ class SyncContextTransport(httpx.BaseTransport):
 
     def __init__(
         self,
-        transport: httpx.HTTPTransport | None = None,
+        transport: httpx.BaseTransport | None = None,
         *,
         margin: float = 0.010,
         timeout_header: str = "x-request-timeout-ms",
@@ -223,17 +322,21 @@ class SyncContextTransport(httpx.BaseTransport):
         self._propagation = _Propagation(margin, timeout_header, request_id_header)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        ctx = self._propagation.prepare(request)
+        ctx = self._propagation.prepare(request, is_async=False)
         in_flight = _InFlight()
         token = _active_socket.set(in_flight)
         stop = after_func(ctx, in_flight.abort)
         try:
             response = self._transport.handle_request(request)
-        except (httpx.TransportError, OSError) as exc:
+        except BaseException as exc:
+            # Whatever went wrong, the socket must not be shut down later:
+            # the pool may hand it to another request.
             stop()
-            err = ctx.err()
-            if err is not None:
-                raise err from exc
+            in_flight.finish()
+            if isinstance(exc, httpx.TransportError | OSError):
+                err = ctx.err()
+                if err is not None:
+                    raise err from exc
             raise
         finally:
             _active_socket.reset(token)
@@ -273,16 +376,46 @@ class _SyncContextStream(httpx.SyncByteStream):
 
     def close(self) -> None:
         self._stop()
+        self._in_flight.finish()  # before the connection can go back to the pool
         self._stream.close()
 
 
+def _bind_client(client: Any, wrap: type[ContextTransport | SyncContextTransport]) -> None:
+    """Put every transport of ``client`` under the context: the default one and
+    each mount, the proxies (``proxy=``, ``HTTP_PROXY``...) included, which
+    httpx builds itself from the client's options."""
+    try:
+        transport = client._transport
+        mounts = client._mounts
+    except AttributeError:  # pragma: no cover - a future httpx
+        raise RuntimeError(
+            f"ctxmiddleware cannot bind this httpx version ({httpx.__version__}) to a context"
+        ) from None
+
+    def bound(t: Any) -> Any:
+        return t if t is None or isinstance(t, wrap) else wrap(t)
+
+    client._transport = bound(transport)
+    client._mounts = {pattern: bound(t) for pattern, t in mounts.items()}
+
+
 def httpx_async_client(**kwargs: Any) -> httpx.AsyncClient:
-    """``httpx.AsyncClient(**kwargs)`` whose requests follow the current context."""
-    transport = kwargs.pop("transport", None)
-    return httpx.AsyncClient(transport=ContextTransport(transport), **kwargs)
+    """``httpx.AsyncClient(**kwargs)`` whose requests follow the current context.
+
+    Every option means what it means to httpx (``limits``, ``http2``,
+    ``verify``, ``proxy``, ``mounts``, ``trust_env``...); every transport the
+    client uses, proxies included, is wrapped in :class:`ContextTransport`.
+    """
+    client = httpx.AsyncClient(**kwargs)
+    _bind_client(client, ContextTransport)
+    return client
 
 
 def httpx_client(**kwargs: Any) -> httpx.Client:
-    """``httpx.Client(**kwargs)`` whose requests follow the current context."""
-    transport = kwargs.pop("transport", None)
-    return httpx.Client(transport=SyncContextTransport(transport), **kwargs)
+    """``httpx.Client(**kwargs)`` whose requests follow the current context.
+
+    Every transport the client uses is wrapped in :class:`SyncContextTransport`.
+    """
+    client = httpx.Client(**kwargs)
+    _bind_client(client, SyncContextTransport)
+    return client
