@@ -147,16 +147,20 @@ class Done:
         end = None if timeout is None else _monotonic() + timeout
         try:
             while True:
-                step = -1.0 if end is None else end - _monotonic()
+                if end is None:
+                    step = _MAX_WAIT
+                else:
+                    step = end - _monotonic()
+                    if step <= 0:
+                        return owner.err() is not None
                 dnode = owner._dnode
                 if dnode is not None:
                     # Do not rely on the timer alone: its thread or loop may be
                     # busy or gone. Wake at the deadline and check.
                     to_deadline = max(0.0, dnode._when - _monotonic()) + 0.0005
-                    step = to_deadline if step < 0 else min(step, to_deadline)
-                if end is not None and step <= 0:
-                    return owner.err() is not None
-                # Lock.acquire() overflows on timeouts past TIMEOUT_MAX.
+                    if to_deadline < step:
+                        step = to_deadline
+                # Bounded steps: Lock.acquire() overflows past TIMEOUT_MAX.
                 if step > _MAX_WAIT:
                     step = _MAX_WAIT
                 if waiter.acquire(timeout=step):

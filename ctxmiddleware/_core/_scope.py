@@ -15,6 +15,7 @@ leaves the query running on the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,7 @@ class CancelScope:
     ``asyncio.CancelledError``, untouched.
     """
 
-    __slots__ = ("_ctx", "_task", "_loop", "_state", "_unlink", "_cancelling", "_fired")
+    __slots__ = ("_cancelling", "_ctx", "_fired", "_loop", "_state", "_task", "_unlink")
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
@@ -75,12 +76,15 @@ class CancelScope:
         loop = self._loop
         assert loop is not None
         if asyncio._get_running_loop() is loop:
-            self._fire()
+            # Always from a loop callback, never right here: if the task itself
+            # is running (it cancelled the context, or entered the scope with
+            # a done one), a task.cancel() now would stay pending after a block
+            # that never awaits, and hit the task's next await outside it.
+            loop.call_soon(self._fire)
         else:
-            try:
+            # RuntimeError: loop closed, the task is gone.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._fire)
-            except RuntimeError:  # loop closed: the task is gone
-                pass
 
     def _fire(self) -> None:
         if self._state == _ENTERED:
@@ -123,4 +127,6 @@ class CancelScope:
             err = self._ctx.err()
             assert err is not None
             why = cause(self._ctx)
-            raise err from (why if why is not err else exc)
+            # err is shared by every scope on this context: start a fresh
+            # traceback, or each raise would append to the last one's.
+            raise err.with_traceback(None) from (why if why is not err else exc)

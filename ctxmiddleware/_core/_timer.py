@@ -11,6 +11,7 @@ once, so it keeps nothing alive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -21,12 +22,13 @@ from collections.abc import Callable
 __all__ = ["Timer", "start_timer"]
 
 _log = logging.getLogger("ctxmiddleware")
+_MAX_WAIT = 86400.0
 
 
 class Timer:
     """A handle on a pending deadline callback. ``cancel()`` is thread-safe."""
 
-    __slots__ = ("_handle", "_loop", "_entry")
+    __slots__ = ("_entry", "_handle", "_loop")
 
     def __init__(
         self,
@@ -48,10 +50,9 @@ class Timer:
                 handle.cancel()
             else:
                 # TimerHandle.cancel() touches loop state: hand it to the loop.
-                try:
+                # RuntimeError: loop closed, the handle died with it.
+                with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(handle.cancel)
-                except RuntimeError:  # loop closed: the handle died with it
-                    pass
             return
         entry = self._entry
         if entry is not None:
@@ -115,7 +116,9 @@ class _TimerThread:
                     if delay <= 0:
                         entry = heapq.heappop(heap)
                         break
-                    cond.wait(delay)
+                    # Condition.wait() overflows past threading.TIMEOUT_MAX
+                    # (which would kill this thread): wait in bounded steps.
+                    cond.wait(delay if delay < _MAX_WAIT else _MAX_WAIT)
                     heap = self._heap
                 fn = entry[2]
                 entry[2] = None
@@ -124,6 +127,9 @@ class _TimerThread:
                     fn()  # type: ignore[operator]
                 except Exception:  # a timer callback must never kill the thread
                     _log.exception("ctxmiddleware: deadline callback failed")
+                # Drop it now: while we wait for the next deadline, this local
+                # would keep the fired context (and all it refers to) alive.
+                fn = None
 
 
 _thread_timers = _TimerThread()
