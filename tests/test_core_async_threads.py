@@ -862,3 +862,54 @@ def test_str_never_shows_values() -> None:
     assert repr(token) == "Key('auth-token')"
     cancel()
     tcancel()
+
+
+# -- nested scopes woken by one cancellation ----------------------------------
+
+
+def test_nested_scopes_on_one_context_the_inner_one_raises() -> None:
+    """The middleware's scope and a helper's scope watch the same context:
+    the innermost converts the cancellation, the task's counter is restored."""
+    import ctxmiddleware as cm
+
+    async def main() -> tuple[str, str, int]:
+        ctx, _ = cm.with_timeout(cm.background(), 0.02)
+        task = asyncio.current_task()
+        assert task is not None
+        inner = outer = ""
+        try:
+            async with ctx.scope():
+                try:
+                    async with ctx.scope():
+                        await asyncio.sleep(5)
+                except cm.DeadlineExceeded:
+                    inner = "inner"
+                    raise
+        except cm.DeadlineExceeded:
+            outer = "outer"
+        return inner, outer, task.cancelling()
+
+    assert asyncio.run(main()) == ("inner", "outer", 0)
+
+
+def test_nested_scopes_inner_caller_may_swallow_and_continue() -> None:
+    import ctxmiddleware as cm
+
+    async def main() -> list[str]:
+        seen: list[str] = []
+        parent, cancel = cm.with_cancel(cm.background())
+        child, cancel_child = cm.with_cancel(parent)
+        asyncio.get_running_loop().call_later(0.01, cancel)
+        async with parent.scope():
+            try:
+                async with child.scope():
+                    await asyncio.sleep(5)
+            except cm.Canceled:
+                seen.append("inner")
+            await asyncio.sleep(0)  # no second CancelledError arrives
+            seen.append("continued")
+        cancel_child()
+        seen.append(str(asyncio.current_task().cancelling()))  # type: ignore[union-attr]
+        return seen
+
+    assert asyncio.run(main()) == ["inner", "continued", "0"]

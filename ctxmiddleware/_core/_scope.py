@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._context import _subscribe, cause
 
@@ -29,6 +30,20 @@ __all__ = ["CancelScope"]
 _CREATED, _ENTERED, _CANCELLING, _DISARMED, _EXITED = range(5)
 
 
+class _TaskCancel:
+    """One task.cancel() issued by our scopes, until a scope claims it at its exit."""
+
+    __slots__ = ("claimed",)
+
+    def __init__(self) -> None:
+        self.claimed = False
+
+
+_pending: weakref.WeakKeyDictionary[asyncio.Task[Any], _TaskCancel] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class CancelScope:
     """Cancels the task that entered it, once, when its context is done.
 
@@ -38,7 +53,9 @@ class CancelScope:
     ``asyncio.CancelledError``, untouched.
     """
 
-    __slots__ = ("_cancelling", "_ctx", "_fired", "_loop", "_state", "_task", "_unlink")
+    __slots__ = (
+        "_cancelling", "_ctx", "_fired", "_loop", "_shared", "_state", "_task", "_unlink",
+    )
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
@@ -48,6 +65,7 @@ class CancelScope:
         self._unlink: object = None
         self._cancelling = 0
         self._fired = False
+        self._shared: _TaskCancel | None = None
 
     @property
     def cancel_called(self) -> bool:
@@ -87,11 +105,21 @@ class CancelScope:
                 loop.call_soon_threadsafe(self._fire)
 
     def _fire(self) -> None:
-        if self._state == _ENTERED:
-            self._state = _CANCELLING
-            self._fired = True
-            assert self._task is not None
-            self._task.cancel()
+        if self._state != _ENTERED:
+            return
+        self._state = _CANCELLING
+        self._fired = True
+        task = self._task
+        assert task is not None
+        shared = _pending.get(task)
+        if shared is not None and not shared.claimed:
+            # Nested scopes (the middleware's and a database helper's, say)
+            # woken by the same cancellation: one task.cancel() for all of
+            # them, claimed by the innermost, which raises ctx.err().
+            self._shared = shared
+            return
+        shared = self._shared = _pending[task] = _TaskCancel()
+        task.cancel()
 
     def _disarm(self) -> bool:
         """Stop watching the context. False if the task was already cancelled."""
@@ -121,6 +149,13 @@ class CancelScope:
             return
         task = self._task
         assert task is not None
+        shared = self._shared
+        assert shared is not None
+        if shared.claimed:
+            return  # an inner scope took this cancellation and raised already
+        shared.claimed = True
+        if _pending.get(task) is shared:
+            del _pending[task]
         if task.uncancel() <= self._cancelling and (
             exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
         ):
