@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable, Generator, Hashable
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 from ._errors import Canceled, ContextError, DeadlineExceeded
 from ._timer import Timer, start_timer
@@ -56,9 +56,6 @@ __all__ = [
     "with_value",
     "without_cancel",
 ]
-
-if TYPE_CHECKING:
-    from ._scope import CancelScope
 
 T = TypeVar("T")
 
@@ -276,8 +273,6 @@ class Context:
         cancellation that comes from elsewhere (server shutdown) passes through
         as ``CancelledError``, untouched.
         """
-        from ._scope import CancelScope
-
         return CancelScope(self)
 
     def __str__(self) -> str:
@@ -351,7 +346,7 @@ class _CancelCtx(Context):
         self._link: _CancelCtx | Callable[[], object] | None = None
         self._err: ContextError | None = None
         self._cause: BaseException | None = None
-        self._children: dict[int, Any] | None = None
+        self._children: dict[Any, Any] | None = None
         self._done: Done | None = None
         # The timer context whose deadline applies to us, if we can see it.
         self._dnode: _TimerCtx | None = None
@@ -420,7 +415,7 @@ class _CancelCtx(Context):
             if remove and type(link) in _NODE_TYPES:
                 siblings = link._children  # type: ignore[union-attr]
                 if siblings is not None:
-                    siblings.pop(id(self), None)
+                    siblings.pop(_WeakRef(self), None)
             if (
                 self._children is None
                 and type(self) is _CancelCtx
@@ -476,14 +471,14 @@ class _CancelCtx(Context):
             children = self._children
             if children is None:
                 children = self._children = {}
-            children[id(fn)] = fn
+            children[fn] = fn
             return True
 
     def _remove_listener(self, fn: Callable[[], object]) -> None:
         with _lock:
             children = self._children
-            if children is not None and children.get(id(fn)) is fn:
-                del children[id(fn)]
+            if children is not None and children.get(fn) is fn:
+                del children[fn]
 
     def _pin(self) -> None:
         """Keep this context alive for as long as its ancestors can cancel it.
@@ -499,9 +494,10 @@ class _CancelCtx(Context):
             siblings = link._children
             if siblings is None:
                 return
-            if siblings.get(id(node)) is node:
+            ref = _WeakRef(node)
+            if siblings.get(ref) is node:
                 return
-            siblings[id(node)] = node
+            siblings[ref] = node
             node = link
 
 
@@ -632,6 +628,26 @@ class _WithoutCancelCtx(Context):
 def _lookup(c: Context, key: Any) -> Any:
     """Walk up the chain for ``key``; keys match on identity or on type and value."""
     key_type = type(key)
+    if key_type is Key:
+        # The common case: Keys match on identity only, so skip the == test.
+        while True:
+            t = type(c)
+            if t is _ValueCtx:
+                if c._key is key:  # type: ignore[attr-defined]
+                    return c._val  # type: ignore[attr-defined]
+                c = c._parent  # type: ignore[attr-defined]
+            elif t is _CancelCtx or t is _TimerCtx:
+                if key is _CANCEL_NODE:
+                    return c
+                c = c._parent  # type: ignore[attr-defined]
+            elif t is _WithoutCancelCtx:
+                if key is _CANCEL_NODE:
+                    return None
+                c = c._parent  # type: ignore[attr-defined]
+            elif t is _EmptyCtx:
+                return None
+            else:
+                return c.value(key)
     while True:
         t = type(c)
         if t is _ValueCtx:
@@ -724,7 +740,8 @@ def _propagate(parent: Context, child: _CancelCtx) -> None:
                 for k, v in children.items()
                 if type(v) is not _WeakRef or v() is not None
             }
-        children[id(child)] = weakref.ref(child)
+        ref = _WeakRef(child)
+        children[ref] = ref
 
 
 def _propagate_foreign(parent: Context, child: _CancelCtx) -> None:
@@ -949,7 +966,7 @@ def _subscribe(
             children = owner._children
             if children is None:
                 children = owner._children = {}
-            children[id(fn)] = fn
+            children[fn] = fn
             if pin:
                 owner._pin()
 
@@ -1000,3 +1017,9 @@ class bind:
             _current.reset(self._token)
             self._token = None
 
+
+# value() of a value context is the lookup itself: one call less per lookup.
+_ValueCtx.value = _lookup  # type: ignore[method-assign, assignment]
+
+# At the end: _scope imports from this module.
+from ._scope import CancelScope  # noqa: E402
