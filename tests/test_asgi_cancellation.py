@@ -1210,3 +1210,44 @@ def test_app_swallowing_deadline_without_response_gets_504() -> None:
         assert_no_leftovers(mw)
 
     asyncio.run(main())
+
+
+# -- ctx.err() escaping the handler through Starlette's error middleware ------
+
+
+def _inner_scope_app(wrapped: bool) -> Any:
+    async def deadline(request: Request) -> Response:
+        # An inner scope on the request context claims the cancellation and
+        # raises DeadlineExceeded, an Exception Starlette would make a 500.
+        async with request.state.ctx.scope():
+            await asyncio.sleep(5)
+        return PlainTextResponse("unreachable")
+
+    async def fallback(request: Request) -> Response:
+        try:
+            async with request.state.ctx.scope():
+                await asyncio.sleep(5)
+        except ctxmiddleware.DeadlineExceeded:
+            return PlainTextResponse("fallback")
+        return PlainTextResponse("unreachable")
+
+    routes = [Route("/deadline", deadline), Route("/fallback", fallback)]
+    if wrapped:
+        return ctxmiddleware.ContextMiddleware(Starlette(routes=routes), timeout=0.2)
+    app = Starlette(routes=routes)
+    app.add_middleware(ctxmiddleware.ContextMiddleware, timeout=0.2)
+    return app
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["wrapped", "add_middleware"])
+def test_uncaught_ctx_error_from_an_inner_scope_is_a_504_not_a_500(wrapped: bool) -> None:
+    with serve(_inner_scope_app(wrapped), "uvicorn-h11") as srv:
+        started = time.monotonic()
+        r = httpx.get(f"{srv.url}/deadline", headers={"x-request-id": "inner-1"}, timeout=5)
+        elapsed = time.monotonic() - started
+        assert r.status_code == 504, r.text
+        assert r.headers.get_list("x-request-id") == ["inner-1"]
+        assert 0.15 < elapsed < 1.5
+        # A handler may also catch it and answer itself.
+        r = httpx.get(f"{srv.url}/fallback", timeout=5)
+        assert (r.status_code, r.text) == (200, "fallback")

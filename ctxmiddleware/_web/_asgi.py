@@ -249,6 +249,7 @@ class _HttpRequest:
         "trailers",
         "waiters",
         "watcher",
+        "replacing",
     )
 
     def __init__(self, mw: ContextMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
@@ -270,6 +271,7 @@ class _HttpRequest:
         self.disconnect: Message | None = None
         self.waiters: list[asyncio.Future[None]] | None = None
         self.cancel_scope: CancelScope | None = None
+        self.replacing = False
 
     async def run(self) -> None:
         mw = self.mw
@@ -430,17 +432,31 @@ class _HttpRequest:
     # -- send -------------------------------------------------------------
 
     async def send(self, message: Message) -> None:
+        if self.replacing:
+            return  # the rest of a 500 we answered in place of
         kind = message["type"]
         if kind == "http.response.start":
             if not self.started:
+                if message["status"] == 500 and self._cancelled_by_us():
+                    # ctx.err() escaped the handler and the app's error
+                    # middleware made it a 500: answer as if it reached us.
+                    if isinstance(self.root._err, DeadlineExceeded):
+                        await self._send_timeout()
+                    self.replacing = True
+                    return
                 self.started = True
                 self.status = message["status"]
                 self.trailers = bool(message.get("trailers", False))
                 message = dict(message)
                 rid_name = self.mw._rid_name
                 # Exactly one request id, the one the logs carry: drop the app's.
+                n = len(rid_name)
                 message["headers"] = [
-                    *(h for h in message.get("headers", ()) if h[0].lower() != rid_name),
+                    *(
+                        h
+                        for h in message.get("headers", ())
+                        if len(h[0]) != n or h[0].lower() != rid_name
+                    ),
                     (rid_name, self.request_id.encode("ascii")),
                 ]
         elif kind == "http.response.body":
@@ -457,6 +473,10 @@ class _HttpRequest:
             # ASGI 2.4: a send on a closed connection raises OSError.
             self._client_gone()
             raise
+
+    def _cancelled_by_us(self) -> bool:
+        scope = self.cancel_scope
+        return self.root._err is not None and scope is not None and scope.cancel_called
 
     def _response_complete(self) -> None:
         # Before the final send is awaited: uvicorn reports http.disconnect
