@@ -8,38 +8,74 @@ the driver's cancel request. So every helper also registers, with
 ``PQcancel``, a raw PostgreSQL CancelRequest, sqlite's ``interrupt()``) the
 moment the context is done, and waits for it to finish before the connection is
 used again (a late cancel could otherwise hit the next statement).
+
+The same cancellations would also interrupt the ROLLBACK that follows a
+cancelled query, leaving the connection ``idle in transaction (aborted)``:
+:func:`run_to_end` and :func:`finish_uninterrupted` let it complete.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar
 
 import anyio
 
 from .._core._context import Context, after_func
 
-__all__ = ["OutOfBandCancel", "statement_timeout_ms"]
+__all__ = [
+    "OutOfBandCancel",
+    "finish_uninterrupted",
+    "run_to_end",
+    "statement_timeout_ms",
+]
+
+T = TypeVar("T")
 
 # A cancel request normally completes in a few ms; bound the wait so a dead
 # server cannot hang the request.
 _CANCEL_WAIT = 5.0
+# How often a guard that has fired stops statements started since (see ``again``).
+_AGAIN_EVERY = 0.001
 
 
 class OutOfBandCancel:
-    """Runs ``cancel()`` in its own thread once ``ctx`` is done, until closed."""
+    """Runs ``cancel()`` in its own thread once ``ctx`` is done, until closed.
 
-    __slots__ = ("_cancel", "_closed", "_finished", "_stop")
+    A cancel finds nothing to stop if the code is between two statements when
+    the context is done, and the next statement would then run unhindered in
+    sync code (nothing cancels a thread). So with ``again`` the thread goes on
+    calling ``again()`` every ``_AGAIN_EVERY`` seconds until the guard is
+    closed: a statement started after the context was done is stopped too.
+    """
 
-    def __init__(self, ctx: Context, cancel: Callable[[], object]) -> None:
+    __slots__ = ("_again", "_cancel", "_closed", "_closing", "_finished", "_stop")
+
+    def __init__(
+        self,
+        ctx: Context,
+        cancel: Callable[[], object],
+        again: Callable[[], object] | None = None,
+    ) -> None:
         self._cancel = cancel
+        self._again = again
         self._closed = False
+        self._closing = threading.Event()
         self._finished = threading.Event()
         self._stop = after_func(ctx, self._run)
 
     def _run(self) -> None:
         try:
             self._cancel()
+            again = self._again
+            if again is not None:
+                while not self._closing.wait(_AGAIN_EVERY):
+                    again()
         finally:
             self._finished.set()
 
@@ -53,33 +89,128 @@ class OutOfBandCancel:
         self._closed = True
         if self._stop():
             return False
+        self._closing.set()
         self._finished.wait(_CANCEL_WAIT)
         return True
 
     async def aclose(self) -> bool:
-        """Like :meth:`close`, without blocking the event loop or being interrupted."""
+        """Like :meth:`close`, without blocking the event loop or being interrupted.
+
+        A cancellation that arrives meanwhile is re-raised after the wait.
+        """
         if self._closed:
             return self._finished.is_set()
         self._closed = True
         if self._stop():
             return False
+        self._closing.set()
         if not self._finished.is_set():
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._finished.wait, _CANCEL_WAIT)
+            await run_to_end(anyio.to_thread.run_sync(self._finished.wait, _CANCEL_WAIT))
         return True
 
 
 def statement_timeout_ms(ctx: Context) -> int | None:
-    """The context's remaining time in whole ms (at least 1), or None without a deadline.
+    """The context's remaining time in whole ms, rounded up, or None without a deadline.
 
+    Rounded up so that the server never aborts a statement before the
+    context's deadline: the driver's error would then arrive while
+    ``ctx.err()`` is still None, and could not be reported as ``ctx.err()``.
     Raises ``ctx.err()`` if the context is already done.
     """
     ctx.check()
     remaining = ctx.remaining()
     if remaining is None:
         return None
-    ms = int(remaining * 1000)
-    if ms < 1:
-        ctx.check()  # the deadline may have passed just now
-        ms = 1
-    return ms
+    if remaining <= 0:
+        ctx.check()  # the deadline has passed just now
+    return max(1, math.ceil(remaining * 1000))
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+async def run_to_end(aw: Awaitable[T], on_timeout: Callable[[], object] | None = None) -> T:
+    """Await ``aw`` to its end even if the caller is cancelled meanwhile.
+
+    A cancellation that arrives meanwhile (anyio's level-triggered ones are held
+    off, a native one is caught) is re-raised once ``aw`` is done. The wait is
+    bounded: after ``_CANCEL_WAIT`` seconds ``aw`` is cancelled, ``on_timeout()``
+    is called (close the connection: its state is unknown) and ``TimeoutError``
+    (or the pending cancellation) is raised.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(aw)
+    cancelled: asyncio.CancelledError | None = None
+    end = loop.time() + _CANCEL_WAIT
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            left = end - loop.time()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait((task,), timeout=left)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+    if not task.done():
+        task.cancel()
+        task.add_done_callback(_consume)
+        if on_timeout is not None:
+            on_timeout()
+        if cancelled is not None:
+            raise cancelled
+        raise TimeoutError(f"database cleanup did not finish within {_CANCEL_WAIT}s")
+    if cancelled is not None:
+        _consume(task)
+        raise cancelled
+    return task.result()
+
+
+@contextlib.asynccontextmanager
+async def finish_uninterrupted(
+    cm: AbstractAsyncContextManager[T],
+    on_timeout: Callable[[], object] | None = None,
+    repair: Callable[[bool], Awaitable[object] | None] | None = None,
+) -> AsyncIterator[T]:
+    """Enter ``cm`` normally; run its exit (COMMIT or ROLLBACK) with :func:`run_to_end`.
+
+    If entering or exiting fails (BEGIN interrupted; a ROLLBACK hit by a late
+    cancel request), ``repair(entering)`` may return a repair to run to the
+    end, such as another ROLLBACK; its own errors are dropped and the
+    original error propagates.
+    """
+    try:
+        value = await cm.__aenter__()
+    except BaseException:
+        await _repair(repair, True, on_timeout)
+        raise
+    try:
+        yield value
+    except BaseException as exc:
+        try:
+            swallow = await run_to_end(
+                cm.__aexit__(type(exc), exc, exc.__traceback__), on_timeout
+            )
+        except BaseException:
+            await _repair(repair, False, on_timeout)
+            raise
+        if not swallow:
+            raise
+    else:
+        try:
+            await run_to_end(cm.__aexit__(None, None, None), on_timeout)
+        except BaseException:
+            await _repair(repair, False, on_timeout)
+            raise
+
+
+async def _repair(
+    repair: Callable[[bool], Awaitable[object] | None] | None,
+    entering: bool,
+    on_timeout: Callable[[], object] | None,
+) -> None:
+    fix = repair(entering) if repair is not None else None
+    if fix is not None:
+        with contextlib.suppress(Exception):
+            await run_to_end(fix, on_timeout)

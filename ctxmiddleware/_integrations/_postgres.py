@@ -2,13 +2,21 @@
 
 Each helper opens a transaction that:
 
-* fails fast with ``ctx.err()`` if the context is already done;
-* sends the deadline to the server: ``SET LOCAL statement_timeout`` from
-  ``ctx.remaining()``, so no query outlives the request even if this process dies;
+* fails fast with ``ctx.err()`` if the context is already done; waiting for a
+  pool connection counts against the deadline and is interrupted by the context;
+* sends the deadline to the server: ``SET LOCAL statement_timeout`` set to what
+  remains once the connection is acquired (rounded up, so the server never
+  aborts before the context does). Even if this process stops cancelling (it
+  hangs, or dies), the server ends the first statement by the deadline, and
+  each later one by that budget from its own start (PostgreSQL times
+  statements one by one);
 * cancels the running query on the server when the context is done, whoever
   cancels the task and however (see :mod:`._guard`);
-* leaves the connection clean: the transaction is rolled back, so no
-  ``idle in transaction (aborted)`` backend is left and the pool can reuse it.
+* like Go's ``database/sql``, is rolled back, not committed, if the context is
+  done when the block ends; COMMIT and ROLLBACK themselves are never
+  interrupted halfway (see :func:`._guard.run_to_end`);
+* leaves the connection clean: no ``idle in transaction (aborted)`` backend is
+  left and the pool can reuse it.
 
 The drivers are imported only when a helper is called.
 """
@@ -18,11 +26,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from .._core._context import Context, current
-from ._guard import OutOfBandCancel, statement_timeout_ms
+from ._guard import OutOfBandCancel, finish_uninterrupted, statement_timeout_ms
 
 __all__ = [
     "asyncpg_transaction",
@@ -61,6 +69,9 @@ def _driver_cancel(driver_conn: Any) -> Callable[[], object]:
     """An out-of-band cancel for a psycopg or asyncpg connection."""
     pgconn = getattr(driver_conn, "pgconn", None)
     if pgconn is not None:  # psycopg: libpq's PQcancel, thread-safe by design
+        if driver_conn.closed:
+            # Nothing can run on it; let psycopg report the closed connection.
+            return lambda: None
         return pgconn.get_cancel().cancel  # type: ignore[no-any-return]
     if hasattr(driver_conn, "_protocol"):  # asyncpg
         return _asyncpg_cancel(driver_conn)
@@ -80,7 +91,7 @@ async def _errors_as(ctx: Context) -> AsyncIterator[None]:
         err = ctx.err()
         if err is None or isinstance(exc, type(err)):
             raise
-        raise err from exc
+        raise err.with_traceback(None) from exc
 
 
 def _set_local(ms: int) -> str:
@@ -97,22 +108,84 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
         async with asyncpg_transaction(pool) as conn:
             rows = await conn.fetch("SELECT * FROM report($1)", day)
 
-    When ``ctx`` is done the block is interrupted and raises ``ctx.err()``.
+    When ``ctx`` is done the block is interrupted (waiting for the pool too)
+    and raises ``ctx.err()``.
     """
     ctx = current() if ctx is None else ctx
-    ms = statement_timeout_ms(ctx)
-    async with contextlib.AsyncExitStack() as stack:
-        import asyncpg
+    statement_timeout_ms(ctx)  # fail fast, before touching the connection
+    import asyncpg
 
+    async with contextlib.AsyncExitStack() as stack:
         conn = conn_or_pool
         if isinstance(conn_or_pool, asyncpg.Pool):
-            conn = await stack.enter_async_context(conn_or_pool.acquire())
+            # Waiting for the pool is part of the request's time.
+            async with _errors_as(ctx), ctx.scope():
+                conn = await stack.enter_async_context(conn_or_pool.acquire())
         # asyncpg sends its CancelRequest from a task of its own, so even a
         # level-triggered cancellation cannot interrupt it: no side channel.
-        async with _errors_as(ctx), ctx.scope(), conn.transaction():
-            if ms is not None:
-                await conn.execute(_set_local(ms))
-            yield conn
+        tr = conn.transaction()
+        async with (
+            _errors_as(ctx),
+            finish_uninterrupted(tr, conn.terminate, _asyncpg_repair(conn, tr)),
+        ):
+            async with ctx.scope():
+                await _set_statement_timeout(ctx, conn.execute)
+                yield conn
+            ctx.check()  # done after the block: roll back rather than commit
+
+
+def _asyncpg_repair(conn: Any, tr: Any) -> Callable[[bool], Awaitable[None] | None]:
+    """Get an asyncpg connection out of a transaction whose BEGIN or end failed.
+
+    asyncpg forgets its transaction before the COMMIT/ROLLBACK succeeds, and
+    after an interrupted BEGIN it keeps the failed one as the connection's
+    outermost (the next ``transaction()`` would be a SAVEPOINT). Either way the
+    server may still be inside the transaction, and a bare connection would
+    stay there (a pool's ``reset()`` would roll it back).
+    """
+    raw = getattr(conn, "_con", None) or conn  # a pool's PoolConnectionProxy
+
+    def repair(entering: bool) -> Awaitable[None] | None:
+        top = getattr(raw, "_top_xact", None)
+        if top is not None and top is not tr:
+            return None  # a nested transaction (SAVEPOINT): the outer one owns the state
+        raw._top_xact = None
+        return _rollback_until_idle(
+            raw.execute, lambda: not raw.is_closed() and raw.is_in_transaction(),
+            raw.terminate, entering,
+        )
+
+    return repair
+
+
+async def _rollback_until_idle(
+    execute: Callable[[str], Awaitable[object]],
+    in_transaction: Callable[[], bool],
+    close: Callable[[], object],
+    unknown: bool,
+) -> None:
+    """ROLLBACK until the server is out of the transaction, else close.
+
+    A cancel request that arrives late (ours, the driver's, or the server's
+    own statement timeout racing with them) can hit the first ROLLBACK.
+    ``unknown``: the state is not known yet (BEGIN interrupted): roll back anyway.
+    """
+    for _ in range(3):
+        if not unknown and not in_transaction():
+            return
+        unknown = False
+        with contextlib.suppress(Exception):
+            await execute("ROLLBACK")
+    if in_transaction():
+        close()
+
+
+async def _set_statement_timeout(ctx: Context, execute: Callable[[str], Any]) -> None:
+    # Computed now, after any wait for the pool and the BEGIN round trip: the
+    # server must not let a query run past the context's deadline.
+    ms = statement_timeout_ms(ctx)
+    if ms is not None:
+        await execute(_set_local(ms))
 
 
 @contextlib.asynccontextmanager
@@ -124,22 +197,99 @@ async def psycopg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
 
         async with psycopg_transaction(pool) as conn:
             cur = await conn.execute("SELECT pg_sleep(%s)", [10])
+
+    Under a level-triggered cancellation (anyio scopes) psycopg closes the
+    connection; the query is still cancelled on the server.
     """
     ctx = current() if ctx is None else ctx
-    ms = statement_timeout_ms(ctx)
+    statement_timeout_ms(ctx)
     async with contextlib.AsyncExitStack() as stack:
         conn = conn_or_pool
         if not hasattr(conn_or_pool, "pgconn"):
-            conn = await stack.enter_async_context(conn_or_pool.connection())
+            async with _errors_as(ctx), ctx.scope():
+                conn = await stack.enter_async_context(conn_or_pool.connection())
         guard = OutOfBandCancel(ctx, _driver_cancel(conn))
         stack.push_async_callback(guard.aclose)
-        async with _errors_as(ctx), ctx.scope(), conn.transaction():
-            if ms is not None:
-                await conn.execute(_set_local(ms))
+        repair = _psycopg_repair(conn) if _psycopg_idle(conn) else None
+        async with (
+            _errors_as(ctx),
+            finish_uninterrupted(conn.transaction(), _closer(conn), repair),
+        ):
             try:
-                yield conn
+                async with ctx.scope():
+                    await _set_statement_timeout(ctx, conn.execute)
+                    yield conn
+                ctx.check()
             finally:
                 await guard.aclose()  # before the rollback: a late cancel could hit it
+
+
+def _if_active(conn: Any, cancel: Callable[[], object]) -> Callable[[], None]:
+    """Cancel again if a statement is running: the worker, between two
+    statements when the context was done, has started another one. (Once one
+    is cancelled the transaction is aborted and the next ones fail at once.)"""
+    from psycopg.pq import TransactionStatus
+
+    pgconn = conn.pgconn
+    active = TransactionStatus.ACTIVE
+
+    def again() -> None:
+        if pgconn.transaction_status == active:
+            cancel()
+
+    return again
+
+
+def _psycopg_idle(conn: Any) -> bool:
+    """True if the helper's transaction will be the outermost one (not a SAVEPOINT)."""
+    from psycopg.pq import TransactionStatus
+
+    return bool(conn.pgconn.transaction_status == TransactionStatus.IDLE)
+
+
+def _psycopg_in_transaction(conn: Any) -> Callable[[], bool]:
+    from psycopg.pq import TransactionStatus
+
+    def in_transaction() -> bool:
+        return bool(
+            conn.pgconn.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+        )
+
+    return in_transaction
+
+
+def _psycopg_repair(conn: Any) -> Callable[[bool], Awaitable[None] | None]:
+    """Get a psycopg ``AsyncConnection`` out of a transaction whose BEGIN or end failed."""
+
+    def repair(entering: bool) -> Awaitable[None] | None:
+        if conn.closed:
+            return None
+        return _rollback_until_idle(
+            conn.execute, _psycopg_in_transaction(conn), _closer(conn), entering
+        )
+
+    return repair
+
+
+def _rollback_until_idle_sync(conn: Any) -> None:
+    """:func:`_rollback_until_idle` for a sync psycopg connection."""
+    in_transaction = _psycopg_in_transaction(conn)
+    for _ in range(3):
+        if conn.closed or not in_transaction():
+            return
+        with contextlib.suppress(Exception):
+            conn.execute("ROLLBACK")
+    if not conn.closed and in_transaction():
+        conn.close()
+
+
+def _closer(conn: Any) -> Callable[[], None]:
+    """Close a psycopg connection whose COMMIT/ROLLBACK could not finish."""
+
+    def close() -> None:
+        conn.pgconn.finish()
+
+    return close
 
 
 @contextlib.contextmanager
@@ -147,35 +297,53 @@ def psycopg_transaction_sync(conn_or_pool: Any, ctx: Context | None = None) -> I
     """A sync psycopg ``Connection`` in a transaction bound to ``ctx``.
 
     For ``def`` endpoints and worker threads: the thread cannot be interrupted,
-    so the context cancels the query on the server, and the block raises
-    ``ctx.err()`` (chained to psycopg's ``QueryCanceled``)::
+    so the context cancels the query on the server (and any statement started
+    after it was done), and the block raises ``ctx.err()`` (chained to
+    psycopg's ``QueryCanceled``)::
 
         with psycopg_transaction_sync(pool) as conn:
             rows = conn.execute("SELECT * FROM big_report").fetchall()
+
+    ``conn_or_pool`` is a ``psycopg.Connection`` or a
+    ``psycopg_pool.ConnectionPool``, whose wait is bounded by the deadline.
     """
     import psycopg
 
     ctx = current() if ctx is None else ctx
-    ms = statement_timeout_ms(ctx)
-    with contextlib.ExitStack() as stack:
-        conn = conn_or_pool
-        if not hasattr(conn_or_pool, "pgconn"):
-            conn = stack.enter_context(conn_or_pool.connection())
-        guard = OutOfBandCancel(ctx, _driver_cancel(conn))
-        stack.callback(guard.close)
-        try:
-            with conn.transaction():
-                if ms is not None:
-                    conn.execute(_set_local(ms))
-                try:
-                    yield conn
-                finally:
-                    guard.close()
-        except psycopg.OperationalError as exc:  # QueryCanceled included
-            err = ctx.err()
-            if err is not None:
-                raise err from exc
-            raise
+    statement_timeout_ms(ctx)
+    try:
+        with contextlib.ExitStack() as stack:
+            conn = conn_or_pool
+            if not hasattr(conn_or_pool, "pgconn"):
+                remaining = ctx.remaining()
+                conn = stack.enter_context(
+                    conn_or_pool.connection()
+                    if remaining is None
+                    else conn_or_pool.connection(timeout=remaining)
+                )
+            cancel = _driver_cancel(conn)
+            guard = OutOfBandCancel(ctx, cancel, again=_if_active(conn, cancel))
+            stack.callback(guard.close)
+            owned = _psycopg_idle(conn)  # not a SAVEPOINT inside the caller's transaction
+            try:
+                with conn.transaction():
+                    try:
+                        ms = statement_timeout_ms(ctx)
+                        if ms is not None:
+                            conn.execute(_set_local(ms))
+                        yield conn
+                        ctx.check()  # done after the block: roll back rather than commit
+                    finally:
+                        guard.close()
+            except BaseException:
+                if owned:  # a late cancel may have hit the ROLLBACK: try again
+                    _rollback_until_idle_sync(conn)
+                raise
+    except psycopg.OperationalError as exc:  # QueryCanceled and PoolTimeout included
+        err = ctx.err()
+        if err is not None:
+            raise err.with_traceback(None) from exc
+        raise
 
 
 @contextlib.asynccontextmanager
@@ -189,12 +357,15 @@ async def sqlalchemy_session(
 
         async with sqlalchemy_session(Session) as session:
             rows = (await session.execute(select(Order))).all()
+
+    A cancelled query costs the connection: SQLAlchemy invalidates it (the
+    pool opens a new one), after the query is cancelled on the server.
     """
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.sql import text
 
     ctx = current() if ctx is None else ctx
-    ms = statement_timeout_ms(ctx)
+    statement_timeout_ms(ctx)
     if isinstance(session_factory, AsyncEngine):
         engine = session_factory
 
@@ -203,14 +374,26 @@ async def sqlalchemy_session(
 
     async with contextlib.AsyncExitStack() as stack:
         session = await stack.enter_async_context(session_factory())
-        async with _errors_as(ctx), ctx.scope(), session.begin():
-            connection = await session.connection()
-            raw = await connection.get_raw_connection()
-            guard = OutOfBandCancel(ctx, _driver_cancel(raw.driver_connection))
-            stack.push_async_callback(guard.aclose)
-            if ms is not None:
-                await session.execute(text(_set_local(ms)))
+        async with _errors_as(ctx), finish_uninterrupted(session.begin()):
+            guard: OutOfBandCancel | None = None
             try:
-                yield session
+                async with ctx.scope():
+                    # The pool checkout happens here, interruptible.
+                    connection = await session.connection()
+                    raw = await connection.get_raw_connection()
+                    guard = OutOfBandCancel(ctx, _driver_cancel(raw.driver_connection))
+                    stack.push_async_callback(guard.aclose)
+                    ms = statement_timeout_ms(ctx)
+                    if ms is not None:
+                        # One SQL text for every value: SQLAlchemy's asyncpg
+                        # adapter prepares each statement, and a new text per
+                        # request would churn its per-connection cache.
+                        await session.execute(
+                            text("SELECT set_config('statement_timeout', :ms, true)"),
+                            {"ms": str(ms)},
+                        )
+                    yield session
+                ctx.check()
             finally:
-                await guard.aclose()
+                if guard is not None:
+                    await guard.aclose()

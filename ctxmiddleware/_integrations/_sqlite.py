@@ -35,13 +35,13 @@ def sqlite_interruptible(
     """
     ctx = current() if ctx is None else ctx
     ctx.check()
-    guard = OutOfBandCancel(ctx, conn.interrupt)
+    guard = OutOfBandCancel(ctx, conn.interrupt, again=conn.interrupt)
     try:
         yield conn
     except sqlite3.OperationalError as exc:
         err = ctx.err()
         if err is not None and _interrupted(exc):
-            raise err from exc
+            raise err.with_traceback(None) from exc
         raise
     finally:
         guard.close()
@@ -58,14 +58,14 @@ async def aiosqlite_interruptible(db: Any, ctx: Context | None = None) -> AsyncI
     ctx = current() if ctx is None else ctx
     ctx.check()
     raw: sqlite3.Connection = db._connection  # aiosqlite keeps the sqlite3 connection here
-    guard = OutOfBandCancel(ctx, raw.interrupt)
+    guard = OutOfBandCancel(ctx, raw.interrupt, again=raw.interrupt)
     try:
         async with ctx.scope():
             yield db
     except sqlite3.OperationalError as exc:
         err = ctx.err()
         if err is not None and _interrupted(exc):
-            raise err from exc
+            raise err.with_traceback(None) from exc
         raise
     finally:
         await guard.aclose()
