@@ -973,7 +973,7 @@ def test_no_leftover_tasks_or_threads_in_process() -> None:
         refs: list[weakref.ref[Any]] = []
 
         def remember() -> None:
-            request = _asgi._active_request.get()
+            request = _asgi._request_of(ctxmiddleware.current())
             assert request is not None
             refs.append(weakref.ref(request))
 

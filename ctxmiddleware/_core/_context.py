@@ -150,11 +150,11 @@ class Done:
                     step = end - _monotonic()
                     if step <= 0:
                         return owner.err() is not None
-                dnode = owner._dnode
-                if dnode is not None:
+                deadline = owner.deadline()
+                if deadline is not None:
                     # Do not rely on the timer alone: its thread or loop may be
                     # busy or gone. Wake at the deadline and check.
-                    to_deadline = max(0.0, dnode._when - _monotonic()) + 0.0005
+                    to_deadline = max(0.0, deadline - _monotonic()) + 0.0005
                     if to_deadline < step:
                         step = to_deadline
                 # Bounded steps: Lock.acquire() overflows past TIMEOUT_MAX.
@@ -349,6 +349,8 @@ class _CancelCtx(Context):
         self._children: dict[Any, Any] | None = None
         self._done: Done | None = None
         # The timer context whose deadline applies to us, if we can see it.
+        # The nearest timer context above us, if we can see it (never self:
+        # a self-reference would make every timer context a reference cycle).
         self._dnode: _TimerCtx | None = None
 
     # -- Context ---------------------------------------------------------
@@ -356,7 +358,7 @@ class _CancelCtx(Context):
     def deadline(self) -> float | None:
         dnode = self._dnode
         if dnode is not None:
-            return dnode._when
+            return dnode.deadline()
         return self._parent.deadline()
 
     def done(self) -> Done:
@@ -418,7 +420,7 @@ class _CancelCtx(Context):
                     siblings.pop(_WeakRef(self), None)
             if (
                 self._children is None
-                and type(self) is _CancelCtx
+                and (type(self) is _CancelCtx or self._timer is None)  # type: ignore[attr-defined]
                 and (link is None or not remove or type(link) in _NODE_TYPES)
             ):
                 return  # the common case: nothing else to do
@@ -513,9 +515,14 @@ class _TimerCtx(_CancelCtx):
         self._when = when
         self._timer: Timer | None = None
         self._deadline_cause = deadline_cause
-        self._dnode = self
 
     def _expire(self) -> None:
+        if _monotonic() < self._when:
+            # Early: uvloop's timers count whole ms from a cached clock.
+            with _lock:
+                if self._err is None:
+                    self._timer = start_timer(self._when, self._expire)
+            return
         self._cancel(True, DeadlineExceeded(), self._deadline_cause)
 
     # -- request roots (used by the web adapters) --------------------------
@@ -541,15 +548,28 @@ class _TimerCtx(_CancelCtx):
             old = self._timer
             self._timer = None
             self._when = when
-            self._dnode = self if when != math.inf else None
         if old is not None:
             old.cancel()
             self._arm()
 
     def deadline(self) -> float | None:
-        if self._dnode is None:  # a request root without a deadline
+        if self._when == math.inf:  # a request root without a deadline
             return self._parent.deadline()
         return self._when
+
+    def err(self) -> ContextError | None:
+        e = self._err
+        if e is None:
+            # As for _CancelCtx.err(): the deadlines themselves are the truth.
+            now = _monotonic()
+            if now >= self._when:
+                self._expire()
+                return self._err
+            dnode = self._dnode
+            if dnode is not None and now >= dnode._when:
+                dnode._expire()
+                e = self._err
+        return e
 
     def __str__(self) -> str:
         if self._when == math.inf:
@@ -558,12 +578,15 @@ class _TimerCtx(_CancelCtx):
         return f"{self._parent}.with_deadline({self._when:.6f} [{left:.6f}s])"
 
 
-def _new_request_root(parent: Context, when: float) -> _TimerCtx:
-    """A cancellable context with a movable deadline and no timer yet (see _arm)."""
+def _new_request_root(parent: Context, when: float, cancelled_by: Context) -> _TimerCtx:
+    """A cancellable context with a movable deadline and no timer yet (see _arm).
+
+    ``cancelled_by`` is the ancestor whose cancellation reaches it (the layers
+    between, request values, cannot be cancelled).
+    """
     root = _TimerCtx(parent, when, None)
-    if when == math.inf:
-        root._dnode = None
-    _propagate(parent, root)
+    if cancelled_by is not _BACKGROUND:
+        _propagate(cancelled_by, root)
     return root
 
 
@@ -729,7 +752,7 @@ def _propagate(parent: Context, child: _CancelCtx) -> None:
             child._err = node._err
             return
         child._link = node
-        child._dnode = child._dnode or node._dnode
+        child._dnode = node if type(node) is _TimerCtx else node._dnode
         children = node._children
         if children is None:
             children = node._children = {}
@@ -950,11 +973,19 @@ def _subscribe(
     Returns a function that undoes the subscription, or None when ``fn`` ran
     already or ``ctx`` can never be done.
     """
-    done = ctx.done()
-    owner = done._owner
+    t = type(ctx)
+    owner: _CancelCtx | None
+    if t is _CancelCtx or t is _TimerCtx:
+        owner = ctx  # type: ignore[assignment]
+    elif t is _ValueCtx and type(ctx._src) in _NODE_TYPES:  # type: ignore[attr-defined]
+        owner = ctx._src  # type: ignore[attr-defined]
+    else:
+        # (Not for our own types above: a Done points back at its context, a
+        # cycle only the cyclic GC frees, so it is made only when asked for.)
+        owner = ctx.done()._owner
     if owner is None:
         return None
-    if type(ctx) not in _NODE_TYPES and type(ctx) is not _ValueCtx:
+    if t not in _NODE_TYPES and t is not _ValueCtx:
         register = getattr(ctx, "after_func", None)
         if callable(register) and ctx.value(_CANCEL_NODE) is not owner:
             stop: Callable[[], object] = register(fn)

@@ -59,7 +59,7 @@ class CancelScope:
 
     def __init__(self, ctx: Context) -> None:
         self._ctx = ctx
-        self._task: asyncio.Task[object] | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = _CREATED
         self._unlink: object = None
@@ -76,14 +76,22 @@ class CancelScope:
         return self._enter()
 
     def _enter(self) -> Context:
-        if self._state != _CREATED:
-            raise RuntimeError("a scope can be entered only once")
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("ctx.scope() must be used inside an asyncio task")
+        return self._enter_task(task, task.cancelling())
+
+    def _enter_task(self, task: asyncio.Task[Any], cancelling: int) -> Context:
+        """Watch for ``task``, which was at ``cancelling`` when its block began.
+
+        (The middleware starts watching only after a grace period, from a loop
+        callback: the block itself began earlier, in ``task``.)
+        """
+        if self._state != _CREATED:
+            raise RuntimeError("a scope can be entered only once")
         self._task = task
         self._loop = task.get_loop()
-        self._cancelling = task.cancelling()
+        self._cancelling = cancelling
         self._state = _ENTERED
         # If the context is already done, this cancels the task right away, so
         # the first await inside the block raises (like an expired timeout).

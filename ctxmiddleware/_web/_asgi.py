@@ -7,21 +7,26 @@ import functools
 import inspect
 import logging
 import math
+import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Generator, Iterable, MutableMapping
 from typing import Any, TypeVar
 
 from .._core._context import (
+    _CANCEL_NODE,
     Context,
+    Done,
     Key,
+    _CancelCtx,
     _current,
+    _lookup,
     _new_request_root,
     _TimerCtx,
     _ValueCtx,
     background,
     cause,
+    current,
 )
 from .._core._errors import ContextError, DeadlineExceeded
 from .._core._scope import CancelScope
@@ -30,6 +35,7 @@ from ._values import (
     CLIENT_IP,
     REQUEST_ID,
     ClientDisconnected,
+    Secret,
     bearer_token,
     forwarded_for_hops,
     new_request_id,
@@ -57,9 +63,42 @@ _INF = math.inf
 # left to the app, which keeps the server's backpressure.
 _EAGER_BODY_LIMIT = 64 * 1024
 
-_active_request: ContextVar[_HttpRequest | None] = ContextVar(
-    "ctxmiddleware.request", default=None
-)
+class _Nothing:
+    """An awaitable that completes at once."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_NOTHING = _Nothing()
+
+# What the middleware reads from the request headers.
+(
+    _H_REQUEST_ID,
+    _H_TIMEOUT,
+    _H_AUTHORIZATION,
+    _H_CONTENT_LENGTH,
+    _H_TRANSFER_ENCODING,
+    _H_FORWARDED,
+) = range(6)
+
+if sys.version_info >= (3, 12):
+
+    def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
+        return asyncio.current_task(loop)
+
+else:  # 3.11's asyncio.current_task() is Python code; its registry is a dict
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+    def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
+        return _current_tasks.get(loop)  # type: ignore[no-any-return]
+
+
+# Requests in flight, by id() of their root context (see set_request_timeout).
+_requests: dict[int, _HttpRequest] = {}
 
 
 class ContextMiddleware:
@@ -140,8 +179,19 @@ class ContextMiddleware:
             raise ValueError("disconnect_grace must be between 0 and 0.005 seconds")
         self._grace = float(disconnect_grace)
         self._ticker: _GraceTicker | None = None
+        wanted = {
+            self._rid_name: _H_REQUEST_ID,
+            self._tmo_name: _H_TIMEOUT,
+            b"authorization": _H_AUTHORIZATION,
+            b"content-length": _H_CONTENT_LENGTH,
+            b"transfer-encoding": _H_TRANSFER_ENCODING,
+        }
+        if self._fwd_name is not None:
+            wanted[self._fwd_name] = _H_FORWARDED
+        self._wanted_headers = wanted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # (async def: servers tell ASGI 3 apps from ASGI 2 ones by it.)
         kind = scope["type"]
         if kind == "http":
             await _HttpRequest(self, scope, receive, send).run()
@@ -152,33 +202,90 @@ class ContextMiddleware:
 
     # -- shared per-request set-up ------------------------------------------
 
-    def _ticker_for(self, loop: asyncio.AbstractEventLoop) -> _GraceTicker:
-        ticker = self._ticker
-        if ticker is None or ticker.loop is not loop:
-            ticker = self._ticker = _GraceTicker(loop, self._grace)
-        return ticker
-
     def _request_values(
         self, scope: Scope, rid: bytes | None, auth: bytes | None, fwd: list[bytes] | None
     ) -> tuple[Context, str]:
         request_id = (sane_request_id(rid) if rid is not None else None) or new_request_id()
-        ctx: Context = _ValueCtx(self._base, REQUEST_ID, request_id)
-        client = scope.get("client")
-        peer = client[0] if client else None
-        if fwd is not None:
-            peer = resolve_client_ip(
-                peer, forwarded_for_hops(fwd, self._fwd_rfc7239), self.trusted_proxies
-            )
-        if peer is not None:
-            ctx = _ValueCtx(ctx, CLIENT_IP, peer)
-        if auth is not None:
-            token = bearer_token(auth)
-            if token is not None:
-                ctx = _ValueCtx(ctx, AUTH_TOKEN, token)
+        ctx: Context = _RequestValues(self, self._base, scope, request_id, auth, fwd)
         if self._values is not None:
             for key, value in self._values(scope):
                 ctx = _ValueCtx(ctx, key, value)
         return ctx, request_id
+
+
+class _RequestValues(Context):
+    """REQUEST_ID, CLIENT_IP and AUTH_TOKEN of one request, in one context.
+
+    The client address and the token are worked out when first asked for:
+    most requests never ask, and one object is cheaper than three.
+    """
+
+    __slots__ = ("_auth", "_client_ip", "_fwd", "_mw", "_parent", "_request_id", "_scope", "_token")
+
+    _UNSET: Any = object()
+
+    def __init__(
+        self,
+        mw: ContextMiddleware,
+        parent: Context,
+        scope: Scope,
+        request_id: str,
+        auth: bytes | None,
+        fwd: list[bytes] | None,
+    ) -> None:
+        self._mw = mw
+        self._parent = parent
+        self._scope = scope
+        self._request_id = request_id
+        self._auth = auth
+        self._fwd = fwd
+        self._client_ip: str | None = self._UNSET
+        self._token: Secret | None = self._UNSET
+
+    def deadline(self) -> float | None:
+        return self._parent.deadline()
+
+    def done(self) -> Done:
+        return self._parent.done()
+
+    def err(self) -> ContextError | None:
+        return self._parent.err()
+
+    def value(self, key: Any) -> Any:
+        if key is REQUEST_ID:
+            return self._request_id
+        if key is CLIENT_IP:
+            return self.client_ip()
+        if key is AUTH_TOKEN:
+            return self.token()
+        return _lookup(self._parent, key)
+
+    def client_ip(self) -> str | None:
+        ip = self._client_ip
+        if ip is self._UNSET:
+            client = self._scope.get("client")
+            ip = client[0] if client else None
+            if self._fwd is not None:
+                mw = self._mw
+                hops = forwarded_for_hops(self._fwd, mw._fwd_rfc7239)
+                ip = resolve_client_ip(ip, hops, mw.trusted_proxies)
+            self._client_ip = ip
+        return ip
+
+    def token(self) -> Secret | None:
+        token = self._token
+        if token is self._UNSET:
+            token = self._token = None if self._auth is None else bearer_token(self._auth)
+        return token
+
+    def __str__(self) -> str:
+        # The keys present, never their values.
+        names = ["request_id"]
+        if self.client_ip() is not None:
+            names.append("client_ip")
+        if self.token() is not None:
+            names.append("auth_token")
+        return str(self._parent) + "".join(f".with_value({name})" for name in names)
 
 
 class _GraceTicker:
@@ -197,10 +304,8 @@ class _GraceTicker:
         self.pending: dict[_HttpRequest, None] = {}
         self.handle: asyncio.TimerHandle | None = None
 
-    def add(self, request: _HttpRequest) -> None:
-        self.pending[request] = None
-        if self.handle is None:
-            self.handle = self.loop.call_at(self.loop.time() + self.grace, self.tick)
+    def schedule(self) -> None:
+        self.handle = self.loop.call_at(self.loop.time() + self.grace, self.tick)
 
     def tick(self) -> None:
         self.handle = None
@@ -224,33 +329,26 @@ class _GraceTicker:
 class _HttpRequest:
     """One HTTP request going through the middleware."""
 
-    __slots__ = (
-        "__weakref__",
-        "app_reading",
-        "arrival",
-        "body_done",
-        "buffered",
-        "cancel_scope",
-        "complete",
-        "disconnect",
-        "eager_ok",
-        "grace_over",
-        "header_when",
-        "loop",
-        "mw",
-        "request_id",
-        "root",
-        "scope",
-        "server_receive",
-        "server_send",
-        "started",
-        "status",
-        "ticker",
-        "trailers",
-        "waiters",
-        "watcher",
-        "replacing",
-    )
+    # Class-level defaults: most requests never change most of these, and
+    # __init__ runs for every request.
+    started = False
+    complete = False
+    trailers = False
+    status = 0
+    body_done = False
+    eager_ok = True
+    app_reading = 0
+    grace_over = False
+    watcher: asyncio.Task[None] | None = None
+    buffered: deque[Message] | None = None
+    disconnect: Message | None = None
+    waiters: list[asyncio.Future[None]] | None = None
+    cancel_scope: CancelScope | None = None
+    replacing = False
+    header_when = _INF
+    send_checked = False
+    task: asyncio.Task[Any]
+    cancelling = 0
 
     def __init__(self, mw: ContextMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
         self.mw = mw
@@ -258,57 +356,46 @@ class _HttpRequest:
         self.server_receive = receive
         self.server_send = send
         self.arrival = _monotonic()
-        self.started = False
-        self.complete = False
-        self.trailers = False
-        self.status = 0
-        self.body_done = False
-        self.eager_ok = True
-        self.app_reading = 0
-        self.grace_over = False
-        self.watcher: asyncio.Task[None] | None = None
-        self.buffered: deque[Message] | None = None
-        self.disconnect: Message | None = None
-        self.waiters: list[asyncio.Future[None]] | None = None
-        self.cancel_scope: CancelScope | None = None
-        self.replacing = False
 
     async def run(self) -> None:
         mw = self.mw
         scope = self.scope
         rid = tmo = auth = None
         fwd: list[bytes] | None = None
-        rid_name, tmo_name, fwd_name = mw._rid_name, mw._tmo_name, mw._fwd_name
+        wanted = mw._wanted_headers.get
         for name, value in scope["headers"]:
-            if name == rid_name:
+            # One dict lookup per header: most headers are none of ours.
+            which = wanted(name)
+            if which is None:
+                continue
+            if which == _H_REQUEST_ID:
                 if rid is None:
                     rid = value
-            elif name == tmo_name:
+            elif which == _H_TIMEOUT:
                 ms = parse_timeout_ms(value)
                 if ms is not None and (tmo is None or ms < tmo):
                     tmo = ms
-            elif name == b"authorization":
+            elif which == _H_AUTHORIZATION:
                 auth = value
-            elif name == b"content-length":
+            elif which == _H_CONTENT_LENGTH:
                 try:
                     self.eager_ok = int(value) <= _EAGER_BODY_LIMIT
                 except ValueError:
                     self.eager_ok = False
-            elif name == b"transfer-encoding":
+            elif which == _H_TRANSFER_ENCODING:
                 self.eager_ok = False
-            elif name == fwd_name:
+            else:  # the forwarding header
                 if fwd is None:
                     fwd = []
                 fwd.append(value)
         values, self.request_id = mw._request_values(scope, rid, auth, fwd)
 
         when = _INF if mw.timeout is None else self.arrival + mw.timeout
-        self.header_when = _INF
         if tmo is not None:
             self.header_when = self.arrival + tmo / 1000.0
             if self.header_when < when:
                 when = self.header_when
-        root = self.root = _new_request_root(values, when)
+        root = self.root = _new_request_root(values, when, mw._base)
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
@@ -324,22 +411,35 @@ class _HttpRequest:
             return
 
         loop = self.loop = asyncio.get_running_loop()
+        task = _current_task(loop)
+        assert task is not None
+        self.task = task
+        self.cancelling = task.cancelling()
+        asgi = scope.get("asgi")
+        if asgi is not None and asgi.get("spec_version", "2.0") >= "2.4":
+            # ASGI 2.4 servers raise OSError from send() on a closed connection.
+            self.send_checked = True
         if when - self.arrival <= mw._grace:
-            root._arm()
-        ticker = self.ticker = mw._ticker_for(loop)
-        ticker.add(self)
+            self._start_watching()  # the deadline comes before the grace is over
+        ticker = mw._ticker
+        if ticker is None or ticker.loop is not loop:
+            ticker = mw._ticker = _GraceTicker(loop, mw._grace)
+        self.ticker = ticker
+        ticker.pending[self] = None
+        if ticker.handle is None:
+            ticker.schedule()
         inside_starlette = "app" in scope  # set by Starlette before its middleware run
-        cancel_scope = self.cancel_scope = CancelScope(root)
+        _requests[id(root)] = self
         token = _current.set(root)
-        request_token = _active_request.set(self)
         try:
-            cancel_scope._enter()
             try:
                 await mw.app(scope, self.receive, self.send)
             except BaseException as exc:
-                cancel_scope._exit(type(exc), exc)  # raises err() if we cancelled
+                if self.cancel_scope is not None:
+                    self.cancel_scope._exit(type(exc), exc)  # raises err() if we cancelled
                 raise
-            cancel_scope._exit(None, None)
+            if self.cancel_scope is not None:
+                self.cancel_scope._exit(None, None)
             err = root.err()
             if err is not None and not self.started:
                 # The app swallowed our cancellation and returned empty-handed.
@@ -352,7 +452,7 @@ class _HttpRequest:
         except Exception:
             err = root.err()
             if err is not None and (
-                cancel_scope.cancel_called or isinstance(cause(root), ClientDisconnected)
+                self._cancelled_by_us() or isinstance(cause(root), ClientDisconnected)
             ):
                 # What the app raised while being cancelled (a driver's own
                 # error, say) is a consequence of the cancellation. So is what
@@ -369,14 +469,38 @@ class _HttpRequest:
                 await self._send_plain(500, b"Internal Server Error")
             raise
         finally:
-            ticker.pending.pop(self, None)
+            if not self.grace_over:
+                del ticker.pending[self]
             watcher = self.watcher
             if watcher is not None and not watcher.done():
                 watcher.cancel()
+            del _requests[id(root)]
+            done_before = root._err is not None
             root._cancel_func()
-            self._log_end()  # still bound: log filters see the request id
-            _active_request.reset(request_token)
+            if done_before:
+                self._log_end()  # still bound: log filters see the request id
+                self._drop_tracebacks()
             _current.reset(token)
+
+    def _start_watching(self) -> None:
+        """Start interrupting the app when the context is done, and the deadline timer.
+
+        Deferred to the end of the grace period: most requests are over by
+        then and never pay for either.
+        """
+        if self.cancel_scope is None:
+            scope = self.cancel_scope = CancelScope(self.root)
+            scope._enter_task(self.task, self.cancelling)
+        self.root._arm()
+
+    def _drop_tracebacks(self) -> None:
+        # The error and its chain hold this request's frames, which hold the
+        # context, which holds the error: a cycle only the cyclic GC would free.
+        err = self.root._err
+        if err is not None:
+            err.__traceback__ = None
+            err.__context__ = None
+            err.__cause__ = None
 
     # -- outcomes --------------------------------------------------------
 
@@ -431,34 +555,30 @@ class _HttpRequest:
 
     # -- send -------------------------------------------------------------
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        # A plain function returning the server's own awaitable: no extra
+        # coroutine per message on the hot path.
         if self.replacing:
-            return  # the rest of a 500 we answered in place of
+            return _NOTHING  # the rest of a 500 we answered in place of
         kind = message["type"]
         if kind == "http.response.start":
             if not self.started:
                 if message["status"] == 500 and self._cancelled_by_us():
-                    # ctx.err() escaped the handler and the app's error
-                    # middleware made it a 500: answer as if it reached us.
-                    if isinstance(self.root._err, DeadlineExceeded):
-                        await self._send_timeout()
-                    self.replacing = True
-                    return
+                    return self._replace_500()
                 self.started = True
                 self.status = message["status"]
                 self.trailers = bool(message.get("trailers", False))
-                message = dict(message)
+                # The start message is built for this one call (as Starlette
+                # does), so it is updated in place, like other middlewares do.
                 rid_name = self.mw._rid_name
-                # Exactly one request id, the one the logs carry: drop the app's.
                 n = len(rid_name)
-                message["headers"] = [
-                    *(
-                        h
-                        for h in message.get("headers", ())
-                        if len(h[0]) != n or h[0].lower() != rid_name
-                    ),
-                    (rid_name, self.request_id.encode("ascii")),
-                ]
+                headers = message.get("headers", ())
+                for name, _ in headers:
+                    if len(name) == n and name.lower() == rid_name:
+                        # Exactly one request id, the one the logs carry.
+                        headers = [h for h in headers if h[0].lower() != rid_name]
+                        break
+                message["headers"] = [*headers, (rid_name, self.request_id.encode("ascii"))]
         elif kind == "http.response.body":
             if not message.get("more_body", False) and not self.trailers:
                 self._response_complete()
@@ -467,12 +587,24 @@ class _HttpRequest:
                 self._response_complete()
         elif kind == "http.response.pathsend":
             self._response_complete()
+        if self.send_checked:
+            return self._send_checked(message)
+        return self.server_send(message)
+
+    async def _send_checked(self, message: Message) -> None:
         try:
             await self.server_send(message)
         except OSError:
             # ASGI 2.4: a send on a closed connection raises OSError.
             self._client_gone()
             raise
+
+    async def _replace_500(self) -> None:
+        # ctx.err() escaped the handler and the app's error middleware made
+        # it a 500: answer as if it had reached us.
+        if isinstance(self.root._err, DeadlineExceeded):
+            await self._send_timeout()
+        self.replacing = True
 
     def _cancelled_by_us(self) -> bool:
         scope = self.cancel_scope
@@ -527,7 +659,7 @@ class _HttpRequest:
 
     def _grace_over(self) -> None:
         self.grace_over = True
-        self.root._arm()
+        self._start_watching()
         if self.body_done or self.eager_ok:
             self._start_watcher()
 
@@ -563,6 +695,8 @@ class _HttpRequest:
             self._wake_readers()
         if not self.complete:
             self.root._cancel_cause_func(ClientDisconnected())
+            if self.cancel_scope is None and not self.replacing:
+                self._start_watching()  # within the grace period: cancel the app now
 
     def _wake_readers(self) -> None:
         waiters = self.waiters
@@ -579,7 +713,7 @@ class _HttpRequest:
         root = self.root
         root._move_deadline(when)
         if self.grace_over or when - _monotonic() <= self.mw._grace:
-            root._arm()
+            self._start_watching()
 
 
 async def _run_websocket(mw: ContextMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
@@ -597,7 +731,7 @@ async def _run_websocket(mw: ContextMiddleware, scope: Scope, receive: Receive, 
                 fwd = []
             fwd.append(value)
     values, request_id = mw._request_values(scope, rid, auth, fwd)
-    root: _TimerCtx = _new_request_root(values, _INF)
+    root: _TimerCtx = _new_request_root(values, _INF, mw._base)
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
@@ -673,8 +807,20 @@ def set_request_timeout(seconds: float | None) -> None:
 
     Raises ``RuntimeError`` outside a request handled by :class:`ContextMiddleware`.
     """
-    request = _active_request.get()
+    request = _request_of(current())
     if request is None:
         raise RuntimeError("set_request_timeout() needs a request served by ContextMiddleware")
     request._set_timeout(seconds)
+
+
+def _request_of(ctx: Context) -> _HttpRequest | None:
+    """The request whose root context ``ctx`` is, or derives from."""
+    node = ctx.value(_CANCEL_NODE)
+    while isinstance(node, _CancelCtx):
+        request = _requests.get(id(node))
+        if request is not None and request.root is node:
+            return request
+        link = node._link
+        node = link if isinstance(link, _CancelCtx) else None
+    return None
 
