@@ -220,7 +220,7 @@ class _RequestValues(Context):
     most requests never ask, and one object is cheaper than three.
     """
 
-    __slots__ = ("_auth", "_client_ip", "_fwd", "_mw", "_parent", "_request_id", "_scope", "_token")
+    __slots__ = ("_auth", "_client", "_client_ip", "_fwd", "_mw", "_parent", "_request_id", "_token")
 
     _UNSET: Any = object()
 
@@ -235,7 +235,9 @@ class _RequestValues(Context):
     ) -> None:
         self._mw = mw
         self._parent = parent
-        self._scope = scope
+        # Not the scope itself: scope["state"]["ctx"] leads back here, and
+        # that cycle would leave every request to the cyclic GC.
+        self._client = scope.get("client")
         self._request_id = request_id
         self._auth = auth
         self._fwd = fwd
@@ -263,7 +265,7 @@ class _RequestValues(Context):
     def client_ip(self) -> str | None:
         ip = self._client_ip
         if ip is self._UNSET:
-            client = self._scope.get("client")
+            client = self._client
             ip = client[0] if client else None
             if self._fwd is not None:
                 mw = self._mw
