@@ -796,6 +796,9 @@ def with_cancel(parent: Context) -> tuple[Context, CancelFunc]:
     whichever happens first. Call ``cancel()`` as soon as the work is over: it
     releases what the child holds. Calling it again does nothing.
     """
+    if type(parent) is _EmptyCtx:  # background()/todo(): nothing to link to
+        child = _CancelCtx(parent)
+        return child, child._cancel_func
     child = _CancelCtx(_check_parent(parent))
     _propagate(parent, child)
     return child, child._cancel_func

@@ -220,7 +220,9 @@ class _RequestValues(Context):
     most requests never ask, and one object is cheaper than three.
     """
 
-    __slots__ = ("_auth", "_client", "_client_ip", "_fwd", "_mw", "_parent", "_request_id", "_token")
+    __slots__ = (
+        "_auth", "_client", "_client_ip", "_fwd", "_mw", "_parent", "_request_id", "_token",
+    )
 
     _UNSET: Any = object()
 
