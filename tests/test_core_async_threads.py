@@ -913,3 +913,24 @@ def test_nested_scopes_inner_caller_may_swallow_and_continue() -> None:
         return seen
 
     assert asyncio.run(main()) == ["inner", "continued", "0"]
+
+
+def test_a_timer_firing_early_does_not_expire_the_context() -> None:
+    """uvloop counts whole ms from a cached clock, so its timers may fire a
+    little before the deadline: the context must wait for the real deadline."""
+    import ctxmiddleware as cm
+
+    async def main() -> tuple[object, bool, float]:
+        deadline = time.monotonic() + 0.05
+        ctx, cancel = cm.with_deadline(cm.background(), deadline)
+        ctx._expire()  # type: ignore[attr-defined]  # what an early timer does
+        early_err = ctx.err()
+        rearmed = ctx._timer is not None  # type: ignore[attr-defined]
+        await asyncio.wait_for(ctx.done(), 2)
+        cancel()
+        return early_err, rearmed, time.monotonic() - deadline
+
+    early_err, rearmed, lateness = asyncio.run(main())
+    assert early_err is None
+    assert rearmed
+    assert lateness >= 0

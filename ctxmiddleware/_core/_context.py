@@ -615,8 +615,7 @@ class _ValueCtx(Context):
     def err(self) -> ContextError | None:
         return self._src.err()
 
-    def value(self, key: Any) -> Any:
-        return _lookup(self, key)
+    # value() is _lookup itself, assigned below the function.
 
     def __str__(self) -> str:
         return f"{self._parent}.with_value({_key_name(self._key)})"
@@ -651,31 +650,13 @@ class _WithoutCancelCtx(Context):
 def _lookup(c: Context, key: Any) -> Any:
     """Walk up the chain for ``key``; keys match on identity or on type and value."""
     key_type = type(key)
-    if key_type is Key:
-        # The common case: Keys match on identity only, so skip the == test.
-        while True:
-            t = type(c)
-            if t is _ValueCtx:
-                if c._key is key:  # type: ignore[attr-defined]
-                    return c._val  # type: ignore[attr-defined]
-                c = c._parent  # type: ignore[attr-defined]
-            elif t is _CancelCtx or t is _TimerCtx:
-                if key is _CANCEL_NODE:
-                    return c
-                c = c._parent  # type: ignore[attr-defined]
-            elif t is _WithoutCancelCtx:
-                if key is _CANCEL_NODE:
-                    return None
-                c = c._parent  # type: ignore[attr-defined]
-            elif t is _EmptyCtx:
-                return None
-            else:
-                return c.value(key)
+    # Keys (the common case) match on identity only: skip their slow == test.
+    by_value = key_type is not Key
     while True:
         t = type(c)
         if t is _ValueCtx:
             k = c._key  # type: ignore[attr-defined]
-            if k is key or (type(k) is key_type and k == key):
+            if k is key or (by_value and type(k) is key_type and k == key):
                 return c._val  # type: ignore[attr-defined]
             c = c._parent  # type: ignore[attr-defined]
         elif t is _CancelCtx or t is _TimerCtx:

@@ -202,6 +202,42 @@ class ContextMiddleware:
 
     # -- shared per-request set-up ------------------------------------------
 
+    def _scan_headers(
+        self, headers: Iterable[tuple[bytes, bytes]]
+    ) -> tuple[bytes | None, int | None, bytes | None, list[bytes] | None, bool]:
+        """(request id, budget in ms, authorization, forwarding header values,
+        whether the body is small enough to read ahead) from the raw headers."""
+        rid = tmo = auth = None
+        fwd: list[bytes] | None = None
+        eager_ok = True
+        wanted = self._wanted_headers.get
+        for name, value in headers:
+            # One dict lookup per header: most headers are none of ours.
+            which = wanted(name)
+            if which is None:
+                continue
+            if which == _H_REQUEST_ID:
+                if rid is None:
+                    rid = value
+            elif which == _H_TIMEOUT:
+                ms = parse_timeout_ms(value)
+                if ms is not None and (tmo is None or ms < tmo):
+                    tmo = ms  # several: the smallest budget wins
+            elif which == _H_AUTHORIZATION:
+                auth = value
+            elif which == _H_CONTENT_LENGTH:
+                try:
+                    eager_ok = int(value) <= _EAGER_BODY_LIMIT
+                except ValueError:
+                    eager_ok = False
+            elif which == _H_TRANSFER_ENCODING:
+                eager_ok = False
+            else:  # the forwarding header
+                if fwd is None:
+                    fwd = []
+                fwd.append(value)
+        return rid, tmo, auth, fwd, eager_ok
+
     def _request_values(
         self, scope: Scope, rid: bytes | None, auth: bytes | None, fwd: list[bytes] | None
     ) -> tuple[Context, str]:
@@ -364,34 +400,7 @@ class _HttpRequest:
     async def run(self) -> None:
         mw = self.mw
         scope = self.scope
-        rid = tmo = auth = None
-        fwd: list[bytes] | None = None
-        wanted = mw._wanted_headers.get
-        for name, value in scope["headers"]:
-            # One dict lookup per header: most headers are none of ours.
-            which = wanted(name)
-            if which is None:
-                continue
-            if which == _H_REQUEST_ID:
-                if rid is None:
-                    rid = value
-            elif which == _H_TIMEOUT:
-                ms = parse_timeout_ms(value)
-                if ms is not None and (tmo is None or ms < tmo):
-                    tmo = ms
-            elif which == _H_AUTHORIZATION:
-                auth = value
-            elif which == _H_CONTENT_LENGTH:
-                try:
-                    self.eager_ok = int(value) <= _EAGER_BODY_LIMIT
-                except ValueError:
-                    self.eager_ok = False
-            elif which == _H_TRANSFER_ENCODING:
-                self.eager_ok = False
-            else:  # the forwarding header
-                if fwd is None:
-                    fwd = []
-                fwd.append(value)
+        rid, tmo, auth, fwd, self.eager_ok = mw._scan_headers(scope["headers"])
         values, self.request_id = mw._request_values(scope, rid, auth, fwd)
 
         when = _INF if mw.timeout is None else self.arrival + mw.timeout
@@ -722,18 +731,7 @@ class _HttpRequest:
 
 async def _run_websocket(mw: ContextMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
     """A context per websocket connection, cancelled when the client disconnects."""
-    rid = auth = None
-    fwd: list[bytes] | None = None
-    for name, value in scope["headers"]:
-        if name == mw._rid_name:
-            if rid is None:
-                rid = value
-        elif name == b"authorization":
-            auth = value
-        elif name == mw._fwd_name:
-            if fwd is None:
-                fwd = []
-            fwd.append(value)
+    rid, _, auth, fwd, _ = mw._scan_headers(scope["headers"])
     values, request_id = mw._request_values(scope, rid, auth, fwd)
     root: _TimerCtx = _new_request_root(values, _INF, mw._base)
     state = scope.get("state")
