@@ -92,6 +92,7 @@ VARIANTS = {
     "d": "asgi-correlation-id CorrelationIdMiddleware",
     "e": "fastapi-disconnect CancelOnDisconnectMiddleware",
     "f": "naive asyncio.timeout(30) middleware",
+    "g": "empty pure-ASGI middleware (floor: await app)",
 }
 
 
@@ -314,6 +315,16 @@ def stop_server(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
+class PassThroughMiddleware:
+    """The cheapest possible pure-ASGI middleware: the floor for any of them."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 class NaiveTimeoutMiddleware:
     """The obvious pure-ASGI deadline: ``async with asyncio.timeout(30)``."""
 
@@ -361,6 +372,8 @@ def build_app(variant: str) -> Any:
         app.add_middleware(CancelOnDisconnectMiddleware)
     elif variant == "f":
         app.add_middleware(NaiveTimeoutMiddleware, timeout=30)
+    elif variant == "g":
+        app.add_middleware(PassThroughMiddleware)
     elif variant != "a":
         raise ValueError(variant)
     return app
@@ -631,7 +644,7 @@ def verdict(rows: list[Row]) -> str:
 # processes hold the CPU, so it is far less noisy than req/s.
 
 _INPROC_SCOPE: dict[str, Any] = {
-    "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+    "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn
     "http_version": "1.1", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
     "scheme": "http", "method": "GET", "root_path": "", "path": "/", "raw_path": b"/",
     "query_string": b"", "headers": [(b"host", b"127.0.0.1:8000")],
@@ -764,8 +777,9 @@ def ablate(reps: int = 200, n: int = 2000) -> list[tuple[str, float | None]]:
         pass
 
     async def trivial(scope: Any, receive: Any, send: Any) -> None:
-        await send(_START)
-        await send(_BODY)
+        # Fresh messages, as Starlette builds them (middlewares may edit them).
+        await send(dict(_START, headers=list(_START["headers"])))
+        await send(dict(_BODY))
 
     def cost(app: Any) -> float:
         best = float("inf")
@@ -806,18 +820,16 @@ def ablate(reps: int = 200, n: int = 2000) -> list[tuple[str, float | None]]:
             pass
 
     mw = ContextMiddleware(trivial, timeout=30)
-    prebuilt = mw._request_values(_INPROC_SCOPE, None, None, None)
     rid = "0123456789abcdef0123456789abcdef"
     stubs: dict[str, list[tuple[Any, str, Any]]] = {
         "CancelScope(root) + _enter() + _exit()": [(web, "CancelScope", NoScope)],
         "new_request_id()": [(web, "new_request_id", lambda: rid)],
-        "_request_values() (request id + 2 _ValueCtx)": [
-            (mw, "_request_values", lambda *a: prebuilt)],
+        "header scan": [(web._RequestValues, "_scan_headers", lambda self, h: None)],
         "send() wrapper (2 messages)": [(web._HttpRequest, "send", passthrough)],
         "root._cancel_func() at the end": [(core._CancelCtx, "_cancel_func", lambda self: None)],
-        "2 ContextVar set + reset": [(web, "_current", NoVar()), (web, "_active_request", NoVar())],
-        "_log_end()": [(web._HttpRequest, "_log_end", lambda self: None)],
-        "ticker.add()": [(web._GraceTicker, "add", lambda self, r: None)],
+        "ContextVar set + reset": [(web, "_current", NoVar())],
+        "_end() but its grace bookkeeping (cancel, let go)": [
+            (web._HttpRequest, "_end", lambda self, scope: self.ticker.pending.pop(self))],
     }
 
     async def run() -> list[tuple[str, float | None]]:
@@ -836,7 +848,7 @@ def ablate(reps: int = 200, n: int = 2000) -> list[tuple[str, float | None]]:
                 for obj, attr, value in patches:
                     stack.enter_context(_patched(obj, attr, value))
                 rows.append((f"  - {name}", cost(mw)))
-            if "new_request_id" not in name and "ticker" not in name:
+            if "new_request_id" not in name and "_end()" not in name:
                 every += patches
         with contextlib.ExitStack() as stack:
             for obj, attr, value in every:
@@ -897,6 +909,7 @@ def draw_chart(path: Path) -> None:
     short = {
         "a": "bare", "b": "ContextMiddleware", "c": "starlette-context",
         "d": "asgi-correlation-id", "e": "fastapi-disconnect", "f": "naive\nasyncio.timeout",
+        "g": "empty\nmiddleware",
     }
     labels = [f"({r['variant']}) {short.get(r['variant'], '')}" for r in rows]
     color = {"a": "#9e9e9e", "b": "#1f77b4", "f": "#bcbd22"}
@@ -1001,7 +1014,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=float, default=5.0, help="wrk -d, seconds")
     p.add_argument("--connections", type=int, default=32, help="wrk -c")
-    p.add_argument("--variants", default="abcdef")
+    p.add_argument("--variants", default="abcdefg")
     p.add_argument("--gate", type=float, default=0.15,
                    help="max foreign busy fraction of a CPU during a slot")
     p.add_argument("--retries", type=int, default=0,

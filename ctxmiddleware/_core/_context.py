@@ -63,6 +63,9 @@ CancelFunc = Callable[[], None]
 CancelCauseFunc = Callable[..., None]
 
 _log = logging.getLogger("ctxmiddleware")
+# One lock for every context: held only for a few attribute updates. On the
+# hot paths it is taken with acquire()/release() in try/finally: a `with`
+# statement on a lock costs about twice as much (measured on 3.11-3.13).
 _lock = threading.Lock()
 _monotonic = time.monotonic
 _MAX_WAIT = 86400.0  # longest single blocking wait; longer ones loop
@@ -407,7 +410,8 @@ class _CancelCtx(Context):
         """
         if cause is None:
             cause = err
-        with _lock:
+        _lock.acquire()  # (not `with`: see _lock)
+        try:
             if self._err is not None:
                 return
             # cause before err: cause() reads them without the lock.
@@ -425,6 +429,8 @@ class _CancelCtx(Context):
             ):
                 return  # the common case: nothing else to do
             listeners, timers = self._mark_descendants(err, cause)
+        finally:
+            _lock.release()
         for timer in timers:
             timer.cancel()
         if remove and link is not None and type(link) not in _NODE_TYPES:
@@ -511,7 +517,14 @@ class _TimerCtx(_CancelCtx):
     def __init__(
         self, parent: Context, when: float, deadline_cause: BaseException | None
     ) -> None:
-        super().__init__(parent)
+        # _CancelCtx.__init__ written out: every request builds one of these.
+        self._parent = parent
+        self._link = None
+        self._err = None
+        self._cause = None
+        self._children = None
+        self._done = None
+        self._dnode = None
         self._when = when
         self._timer: Timer | None = None
         self._deadline_cause = deadline_cause
@@ -727,7 +740,8 @@ def _propagate(parent: Context, child: _CancelCtx) -> None:
         else:
             _propagate_foreign(parent, child)
             return
-    with _lock:
+    _lock.acquire()  # (not `with`: see _lock)
+    try:
         if node._err is not None:
             child._cause = node._cause
             child._err = node._err
@@ -746,6 +760,8 @@ def _propagate(parent: Context, child: _CancelCtx) -> None:
             }
         ref = _WeakRef(child)
         children[ref] = ref
+    finally:
+        _lock.release()
 
 
 def _propagate_foreign(parent: Context, child: _CancelCtx) -> None:

@@ -85,20 +85,19 @@ _NOTHING = _Nothing()
     _H_FORWARDED,
 ) = range(6)
 
+_current_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
 if sys.version_info >= (3, 12):
-
-    def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
-        return asyncio.current_task(loop)
-
+    _current_task = asyncio.current_task
 else:  # 3.11's asyncio.current_task() is Python code; its registry is a dict
     from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
 
-    def _current_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
-        return _current_tasks.get(loop)  # type: ignore[no-any-return]
+    _current_task = _current_tasks.get
 
 
-# Requests in flight, by id() of their root context (see set_request_timeout).
-_requests: dict[int, _HttpRequest] = {}
+_UNSET: Any = object()
+
+# The key under which a request's values node answers with itself (see _request_of).
+_THIS_REQUEST = Key[Any]("ctxmiddleware request")
 
 
 class ContextMiddleware:
@@ -192,25 +191,102 @@ class ContextMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # (async def: servers tell ASGI 3 apps from ASGI 2 ones by it.)
-        kind = scope["type"]
-        if kind == "http":
-            await _HttpRequest(self, scope, receive, send).run()
-        elif kind == "websocket":
-            await _run_websocket(self, scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await _run_websocket(self, scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        # The request runs in this frame, not in a coroutine of its own: this
+        # is the hot path, and most requests are over within one loop step.
+        request = _HttpRequest(self, scope, receive, send)
+        root = request.root
+        if root._err is not None:
+            await request._answer_spent(scope)
+            return
+        inside_starlette = "app" in scope  # set by Starlette before its middleware run
+        token = _current.set(root)
+        try:
+            try:
+                await self.app(scope, request.receive, request.send)
+            except BaseException as exc:
+                if request.cancel_scope is not None:
+                    request.cancel_scope._exit(type(exc), exc)  # raises err() if we cancelled
+                raise
+            if request.cancel_scope is not None:
+                request.cancel_scope._exit(None, None)
+            if not request.started:
+                err = root.err()
+                if err is not None:
+                    # The app swallowed our cancellation and returned empty-handed.
+                    await request._on_context_done(err)
+        except ContextError:
+            err = root.err()
+            if err is None:
+                raise  # someone else's context
+            await request._on_context_done(err)
+        except Exception:
+            err = root.err()
+            if err is not None and (
+                request._cancelled_by_us() or isinstance(cause(root), ClientDisconnected)
+            ):
+                # What the app raised while being cancelled (a driver's own
+                # error, say) is a consequence of the cancellation. So is what
+                # it raised on learning of a disconnect before our cancellation
+                # landed (Starlette's ClientDisconnect, an OSError from send).
+                _log.debug("ctxmiddleware: error while cancelling the app", exc_info=True)
+                await request._on_context_done(err)
+                return
+            if not request.started and not inside_starlette:
+                # We wrap the whole app: nothing outside us will answer but
+                # the server, whose 500 would lack the request id. (Inside a
+                # Starlette app, scope["app"] is set before we run: there its
+                # error middleware and the user's 500 handler answer.)
+                await request._send_plain(500, b"Internal Server Error")
+            raise
+        finally:
+            request._end(scope)  # still bound: log filters see the request id
+            _current.reset(token)
 
-    # -- shared per-request set-up ------------------------------------------
 
-    def _scan_headers(
-        self, headers: Iterable[tuple[bytes, bytes]]
-    ) -> tuple[bytes | None, int | None, bytes | None, list[bytes] | None, bool]:
-        """(request id, budget in ms, authorization, forwarding header values,
-        whether the body is small enough to read ahead) from the raw headers."""
-        rid = tmo = auth = None
-        fwd: list[bytes] | None = None
-        eager_ok = True
-        wanted = self._wanted_headers.get
+class _RequestValues(Context):
+    """REQUEST_ID, CLIENT_IP and AUTH_TOKEN of one request, in one context node.
+
+    The client address and the token are worked out when first asked for:
+    most requests never ask. (No ``__slots__``: the class-level defaults
+    below cost nothing per request.)
+    """
+
+    _client_ip: str | None = _UNSET
+    _token: Secret | None = _UNSET
+    _request_id: str | None = None
+    _auth: bytes | None = None
+    _fwd: list[bytes] | None = None
+    # From the request headers (see _scan_headers).
+    budget_ms: int | None = None
+    eager_ok = True
+
+    def __init__(self, mw: ContextMiddleware, scope: Scope) -> None:
+        # (_HttpRequest.__init__ repeats these lines rather than calling this.)
+        self.mw = mw
+        # Not the scope itself: scope["state"]["ctx"] leads back here, and
+        # that cycle would leave every request to the cyclic GC.
+        self._client = scope.get("client")
+        rid = self._scan_headers(scope["headers"])
+        self.rid = (rid is not None and sane_request_id(rid)) or new_request_id()
+
+    @property
+    def request_id(self) -> str:
+        """The request id (REQUEST_ID), as a str."""
+        rid = self._request_id
+        if rid is None:
+            rid = self._request_id = self.rid.decode("ascii")
+        return rid
+
+    def _scan_headers(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+        """Note what the middleware reads from the request headers; return the request id."""
+        rid = None
+        wanted = self.mw._wanted_headers.get
         for name, value in headers:
             # One dict lookup per header: most headers are none of ours.
             which = wanted(name)
@@ -221,92 +297,64 @@ class ContextMiddleware:
                     rid = value
             elif which == _H_TIMEOUT:
                 ms = parse_timeout_ms(value)
-                if ms is not None and (tmo is None or ms < tmo):
-                    tmo = ms  # several: the smallest budget wins
+                if ms is not None and (self.budget_ms is None or ms < self.budget_ms):
+                    self.budget_ms = ms  # several: the smallest budget wins
             elif which == _H_AUTHORIZATION:
-                auth = value
+                self._auth = value
             elif which == _H_CONTENT_LENGTH:
                 try:
-                    eager_ok = int(value) <= _EAGER_BODY_LIMIT
+                    self.eager_ok = int(value) <= _EAGER_BODY_LIMIT
                 except ValueError:
-                    eager_ok = False
+                    self.eager_ok = False
             elif which == _H_TRANSFER_ENCODING:
-                eager_ok = False
+                self.eager_ok = False
             else:  # the forwarding header
-                if fwd is None:
-                    fwd = []
-                fwd.append(value)
-        return rid, tmo, auth, fwd, eager_ok
+                if self._fwd is None:
+                    self._fwd = []
+                self._fwd.append(value)
+        return rid
 
-    def _request_values(
-        self, scope: Scope, rid: bytes | None, auth: bytes | None, fwd: list[bytes] | None
-    ) -> tuple[Context, str]:
-        request_id = (sane_request_id(rid) if rid is not None else None) or new_request_id()
-        ctx: Context = _RequestValues(self, self._base, scope, request_id, auth, fwd)
-        if self._values is not None:
-            for key, value in self._values(scope):
+    def _with_user_values(self, scope: Scope) -> Context:
+        """This node, under the values of the middleware's ``values`` hook."""
+        ctx: Context = self
+        hook = self.mw._values
+        if hook is not None:
+            for key, value in hook(scope):
                 ctx = _ValueCtx(ctx, key, value)
-        return ctx, request_id
+        return ctx
 
-
-class _RequestValues(Context):
-    """REQUEST_ID, CLIENT_IP and AUTH_TOKEN of one request, in one context.
-
-    The client address and the token are worked out when first asked for:
-    most requests never ask, and one object is cheaper than three.
-    """
-
-    __slots__ = (
-        "_auth", "_client", "_client_ip", "_fwd", "_mw", "_parent", "_request_id", "_token",
-    )
-
-    _UNSET: Any = object()
-
-    def __init__(
-        self,
-        mw: ContextMiddleware,
-        parent: Context,
-        scope: Scope,
-        request_id: str,
-        auth: bytes | None,
-        fwd: list[bytes] | None,
-    ) -> None:
-        self._mw = mw
-        self._parent = parent
-        # Not the scope itself: scope["state"]["ctx"] leads back here, and
-        # that cycle would leave every request to the cyclic GC.
-        self._client = scope.get("client")
-        self._request_id = request_id
-        self._auth = auth
-        self._fwd = fwd
-        self._client_ip: str | None = self._UNSET
-        self._token: Secret | None = self._UNSET
+    # -- Context -----------------------------------------------------------
 
     def deadline(self) -> float | None:
-        return self._parent.deadline()
+        return self.mw._base.deadline()
 
     def done(self) -> Done:
-        return self._parent.done()
+        return self.mw._base.done()
 
     def err(self) -> ContextError | None:
-        return self._parent.err()
+        return self.mw._base.err()
 
     def value(self, key: Any) -> Any:
         if key is REQUEST_ID:
-            return self._request_id
+            rid = self._request_id
+            if rid is None:
+                rid = self._request_id = self.rid.decode("ascii")
+            return rid
         if key is CLIENT_IP:
             return self.client_ip()
         if key is AUTH_TOKEN:
             return self.token()
-        return _lookup(self._parent, key)
+        if key is _THIS_REQUEST:
+            return self
+        return _lookup(self.mw._base, key)
 
     def client_ip(self) -> str | None:
         ip = self._client_ip
-        if ip is self._UNSET:
+        if ip is _UNSET:
             client = self._client
             ip = client[0] if client else None
             if self._fwd is not None:
-                mw = self._mw
+                mw = self.mw
                 hops = forwarded_for_hops(self._fwd, mw._fwd_rfc7239)
                 ip = resolve_client_ip(ip, hops, mw.trusted_proxies)
             self._client_ip = ip
@@ -314,7 +362,7 @@ class _RequestValues(Context):
 
     def token(self) -> Secret | None:
         token = self._token
-        if token is self._UNSET:
+        if token is _UNSET:
             token = self._token = None if self._auth is None else bearer_token(self._auth)
         return token
 
@@ -325,7 +373,7 @@ class _RequestValues(Context):
             names.append("client_ip")
         if self.token() is not None:
             names.append("auth_token")
-        return str(self._parent) + "".join(f".with_value({name})" for name in names)
+        return str(self.mw._base) + "".join(f".with_value({name})" for name in names)
 
 
 class _GraceTicker:
@@ -366,17 +414,21 @@ class _GraceTicker:
             self.handle = self.loop.call_at(self.loop.time() + delay, self.tick)
 
 
-class _HttpRequest:
-    """One HTTP request going through the middleware."""
+class _HttpRequest(_RequestValues):
+    """One HTTP request going through the middleware.
+
+    It is also the context node that carries the request's values, under the
+    root context: one object per request instead of two.
+    """
 
     # Class-level defaults: most requests never change most of these, and
     # __init__ runs for every request.
     started = False
     complete = False
+    ended = False
     trailers = False
     status = 0
     body_done = False
-    eager_ok = True
     app_reading = 0
     grace_over = False
     watcher: asyncio.Task[None] | None = None
@@ -389,41 +441,35 @@ class _HttpRequest:
     send_checked = False
     task: asyncio.Task[Any]
     cancelling = 0
+    ticker: _GraceTicker
 
     def __init__(self, mw: ContextMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+        arrival = self.arrival = _monotonic()
+        # _RequestValues.__init__, written out: one call less per request.
         self.mw = mw
-        self.scope = scope
+        self._client = scope.get("client")
+        rid = self._scan_headers(scope["headers"])
+        self.rid = (rid is not None and sane_request_id(rid)) or new_request_id()
         self.server_receive = receive
         self.server_send = send
-        self.arrival = _monotonic()
 
-    async def run(self) -> None:
-        mw = self.mw
-        scope = self.scope
-        rid, tmo, auth, fwd, self.eager_ok = mw._scan_headers(scope["headers"])
-        values, self.request_id = mw._request_values(scope, rid, auth, fwd)
-
-        when = _INF if mw.timeout is None else self.arrival + mw.timeout
+        when = _INF if mw.timeout is None else arrival + mw.timeout
+        tmo = self.budget_ms
         if tmo is not None:
-            self.header_when = self.arrival + tmo / 1000.0
+            self.header_when = arrival + tmo / 1000.0
             if self.header_when < when:
                 when = self.header_when
-        root = self.root = _new_request_root(values, when, mw._base)
+        parent = self if mw._values is None else self._with_user_values(scope)
+        root = self.root = _new_request_root(parent, when, mw._base)
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
         state["ctx"] = root
-
         if tmo == 0:
-            # The caller's budget is already spent: don't run the handler.
-            root._expire()
-            await self._send_timeout()
-            bound = _current.set(root)  # log filters see the request id
-            self._log_end()
-            _current.reset(bound)
+            root._expire()  # the caller's budget is already spent
             return
 
-        loop = self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         task = _current_task(loop)
         assert task is not None
         self.task = task
@@ -432,8 +478,6 @@ class _HttpRequest:
         if asgi is not None and asgi.get("spec_version", "2.0") >= "2.4":
             # ASGI 2.4 servers raise OSError from send() on a closed connection.
             self.send_checked = True
-        if when - self.arrival <= mw._grace:
-            self._start_watching()  # the deadline comes before the grace is over
         ticker = mw._ticker
         if ticker is None or ticker.loop is not loop:
             ticker = mw._ticker = _GraceTicker(loop, mw._grace)
@@ -441,59 +485,48 @@ class _HttpRequest:
         ticker.pending[self] = None
         if ticker.handle is None:
             ticker.schedule()
-        inside_starlette = "app" in scope  # set by Starlette before its middleware run
-        _requests[id(root)] = self
-        token = _current.set(root)
+        if when - arrival <= mw._grace:
+            self._start_watching()  # the deadline comes before the grace is over
+
+    async def _answer_spent(self, scope: Scope) -> None:
+        """Answer a request whose caller's budget was spent on arrival; don't run the app."""
+        await self._send_timeout()
+        token = _current.set(self.root)  # log filters see the request id
         try:
-            try:
-                await mw.app(scope, self.receive, self.send)
-            except BaseException as exc:
-                if self.cancel_scope is not None:
-                    self.cancel_scope._exit(type(exc), exc)  # raises err() if we cancelled
-                raise
-            if self.cancel_scope is not None:
-                self.cancel_scope._exit(None, None)
-            err = root.err()
-            if err is not None and not self.started:
-                # The app swallowed our cancellation and returned empty-handed.
-                await self._on_context_done(err)
-        except ContextError:
-            err = root.err()
-            if err is None:
-                raise  # someone else's context
-            await self._on_context_done(err)
-        except Exception:
-            err = root.err()
-            if err is not None and (
-                self._cancelled_by_us() or isinstance(cause(root), ClientDisconnected)
-            ):
-                # What the app raised while being cancelled (a driver's own
-                # error, say) is a consequence of the cancellation. So is what
-                # it raised on learning of a disconnect before our cancellation
-                # landed (Starlette's ClientDisconnect, an OSError from send).
-                _log.debug("ctxmiddleware: error while cancelling the app", exc_info=True)
-                await self._on_context_done(err)
-                return
-            if not self.started and not inside_starlette:
-                # We wrap the whole app: nothing outside us will answer but
-                # the server, whose 500 would lack the request id. (Inside a
-                # Starlette app, scope["app"] is set before we run: there its
-                # error middleware and the user's 500 handler answer.)
-                await self._send_plain(500, b"Internal Server Error")
-            raise
+            self._log_end(scope)
         finally:
-            if not self.grace_over:
-                del ticker.pending[self]
-            watcher = self.watcher
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
-            del _requests[id(root)]
-            done_before = root._err is not None
-            root._cancel_func()
-            if done_before:
-                self._log_end()  # still bound: log filters see the request id
-                self._drop_tracebacks()
             _current.reset(token)
+        self._let_go()
+
+    def _end(self, scope: Scope) -> None:
+        """The app has returned (or raised): cancel the root, stop everything."""
+        if not self.grace_over:
+            del self.ticker.pending[self]
+        watcher = self.watcher
+        if watcher is not None:
+            self.watcher = None
+            if not watcher.done():
+                watcher.cancel()
+        root = self.root
+        done_before = root._err is not None
+        root._cancel_func()
+        if done_before:
+            self._log_end(scope)
+            self._drop_tracebacks()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        # The root context, which the app may keep (without_cancel(ctx) in a
+        # background job), leads here: let go of the root and of the server's
+        # channels, so that the connection does not outlive the request
+        # through it, and so that no cycle (root -> here -> root, or scope ->
+        # state -> root -> here -> server -> scope) is left to the cyclic GC.
+        self.ended = True
+        self.root = _ENDED_ROOT
+        self.server_receive = _receive_after_end
+        self.server_send = _send_after_end
+        if self.cancel_scope is not None:
+            self.cancel_scope = None
 
     def _start_watching(self) -> None:
         """Start interrupting the app when the context is done, and the deadline timer.
@@ -501,7 +534,7 @@ class _HttpRequest:
         Deferred to the end of the grace period: most requests are over by
         then and never pay for either.
         """
-        if self.cancel_scope is None:
+        if self.cancel_scope is None and not self.ended:
             scope = self.cancel_scope = CancelScope(self.root)
             scope._enter_task(self.task, self.cancelling)
         self.root._arm()
@@ -548,19 +581,19 @@ class _HttpRequest:
         except OSError:
             pass
 
-    def _log_end(self) -> None:
+    def _log_end(self, scope: Scope) -> None:
         root = self.root
         if not self.complete and self.disconnect is not None:
             _log.info(
                 '%s %s 499 client disconnected request_id=%s',
-                self.scope.get("method"), self.scope.get("path"), self.request_id,
+                scope.get("method"), scope.get("path"), self.request_id,
             )
         elif isinstance(root._err, DeadlineExceeded) and (
             not self.complete or self.status == self.mw._timeout_status
         ):
             _log.warning(
                 "%s %s %s deadline exceeded request_id=%s",
-                self.scope.get("method"), self.scope.get("path"),
+                scope.get("method"), scope.get("path"),
                 self.status if self.started and self.status != self.mw._timeout_status
                 else self.mw._timeout_status,
                 self.request_id,
@@ -574,27 +607,30 @@ class _HttpRequest:
         if self.replacing:
             return _NOTHING  # the rest of a 500 we answered in place of
         kind = message["type"]
-        if kind == "http.response.start":
+        if kind == "http.response.body":
+            if not self.trailers and not message.get("more_body", False):
+                self._response_complete()
+        elif kind == "http.response.start":
             if not self.started:
-                if message["status"] == 500 and self._cancelled_by_us():
+                status = message["status"]
+                if status == 500 and self._cancelled_by_us():
                     return self._replace_500()
                 self.started = True
-                self.status = message["status"]
-                self.trailers = bool(message.get("trailers", False))
+                self.status = status
+                if message.get("trailers", False):
+                    self.trailers = True
                 # The start message is built for this one call (as Starlette
                 # does), so it is updated in place, like other middlewares do.
                 rid_name = self.mw._rid_name
-                n = len(rid_name)
                 headers = message.get("headers", ())
                 for name, _ in headers:
-                    if len(name) == n and name.lower() == rid_name:
+                    if name == rid_name or (
+                        len(name) == len(rid_name) and name.lower() == rid_name
+                    ):
                         # Exactly one request id, the one the logs carry.
                         headers = [h for h in headers if h[0].lower() != rid_name]
                         break
-                message["headers"] = [*headers, (rid_name, self.request_id.encode("ascii"))]
-        elif kind == "http.response.body":
-            if not message.get("more_body", False) and not self.trailers:
-                self._response_complete()
+                message["headers"] = [*headers, (rid_name, self.rid)]
         elif kind == "http.response.trailers":
             if not message.get("more_trailers", False):
                 self._response_complete()
@@ -660,7 +696,7 @@ class _HttpRequest:
                 return buffered.popleft()
             if self.disconnect is not None:
                 return self.disconnect  # replayed to every later call
-            future = self.loop.create_future()
+            future = self.ticker.loop.create_future()
             if self.waiters is None:
                 self.waiters = []
             self.waiters.append(future)
@@ -679,7 +715,9 @@ class _HttpRequest:
     def _start_watcher(self) -> None:
         if self.watcher is not None or self.app_reading or self.disconnect is not None:
             return
-        self.watcher = self.loop.create_task(self._watch())
+        if self.ended:
+            return
+        self.watcher = self.ticker.loop.create_task(self._watch())
 
     async def _watch(self) -> None:
         """The only reader of the server's receive() once it runs."""
@@ -729,11 +767,24 @@ class _HttpRequest:
             self._start_watching()
 
 
+# What an ended request holds instead of its root context (see _let_go).
+_ENDED_ROOT = _new_request_root(background(), _INF, background())
+_ENDED_ROOT._cancel_func()
+
+
+async def _receive_after_end() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def _send_after_end(message: Message) -> None:
+    raise RuntimeError(f"{message.get('type')!r} sent after the request ended")
+
+
 async def _run_websocket(mw: ContextMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
     """A context per websocket connection, cancelled when the client disconnects."""
-    rid, _, auth, fwd, _ = mw._scan_headers(scope["headers"])
-    values, request_id = mw._request_values(scope, rid, auth, fwd)
-    root: _TimerCtx = _new_request_root(values, _INF, mw._base)
+    values = _RequestValues(mw, scope)
+    request_id = values.rid
+    root: _TimerCtx = _new_request_root(values._with_user_values(scope), _INF, mw._base)
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
@@ -751,7 +802,7 @@ async def _run_websocket(mw: ContextMiddleware, scope: Scope, receive: Receive, 
             message = dict(message)
             message["headers"] = [
                 *(h for h in message.get("headers", ()) if h[0].lower() != mw._rid_name),
-                (mw._rid_name, request_id.encode("ascii")),
+                (mw._rid_name, request_id),
             ]
         await send(message)
 
@@ -816,13 +867,15 @@ def set_request_timeout(seconds: float | None) -> None:
 
 
 def _request_of(ctx: Context) -> _HttpRequest | None:
-    """The request whose root context ``ctx`` is, or derives from."""
+    """The request in flight whose root context ``ctx`` is, or derives from."""
+    request = ctx.value(_THIS_REQUEST)
+    if not isinstance(request, _HttpRequest) or request.ended:
+        return None
+    # Derived through with_cancel/with_timeout, not through without_cancel.
     node = ctx.value(_CANCEL_NODE)
     while isinstance(node, _CancelCtx):
-        request = _requests.get(id(node))
-        if request is not None and request.root is node:
+        if node is request.root:
             return request
         link = node._link
         node = link if isinstance(link, _CancelCtx) else None
     return None
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import hmac
 import ipaddress
 import os
@@ -75,17 +76,17 @@ _ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 MAX_REQUEST_ID = 128
 
 
-def sane_request_id(raw: bytes) -> str | None:
-    """``raw`` as a str if it is 1-128 chars of ``[A-Za-z0-9._:-]``, else None."""
+def sane_request_id(raw: bytes) -> bytes | None:
+    """``raw`` if it is 1-128 bytes of ``[A-Za-z0-9._:-]``, else None."""
     if 0 < len(raw) <= MAX_REQUEST_ID and _ID_CHARS.issuperset(raw):
-        return raw.decode("ascii")
+        return raw
     return None
 
 
 # Byte maps that set a uuid4's version (0100xxxx) and variant (10xxxxxx) bits.
 _VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
 _VARIANT_RFC4122 = bytes((b & 0x3F) | 0x80 for b in range(256))
-_ids: list[str] = []
+_ids: list[bytes] = []
 
 
 def _refill_ids() -> None:
@@ -93,12 +94,13 @@ def _refill_ids() -> None:
     block = bytearray(os.urandom(4096))
     block[6::16] = block[6::16].translate(_VERSION_4)
     block[8::16] = block[8::16].translate(_VARIANT_RFC4122)
-    h = block.hex()
-    _ids.extend([h[i : i + 32] for i in range(0, 8192, 32)])
+    _ids.extend(binascii.hexlify(block, b" ", -16).split())
 
 
-def new_request_id() -> str:
-    """A random uuid4, as 32 hex digits (``os.urandom`` randomness, like ``uuid.uuid4()``)."""
+def new_request_id() -> bytes:
+    """A random uuid4 as 32 hex digits, in ASCII (``os.urandom`` randomness, like
+    ``uuid.uuid4()``). Bytes: the response header wants bytes, and most
+    requests never need the id as a str."""
     try:
         return _ids.pop()
     except IndexError:  # (also if another thread took the last one)
