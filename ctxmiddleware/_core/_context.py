@@ -323,6 +323,12 @@ def todo() -> Context:
     return _TODO
 
 
+# Exact types of the cancellable contexts (_CancelCtx and its subclasses) and
+# of those with a deadline of their own (_TimerCtx and its subclasses).
+_NODE_TYPES: set[type] = set()
+_TIMER_TYPES: set[type] = set()
+
+
 class _CancelCtx(Context):
     """A cancellable context (Go's cancelCtx).
 
@@ -341,6 +347,15 @@ class _CancelCtx(Context):
         "_link",
         "_parent",
     )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The module tells its node types apart by exact type (faster than
+        # isinstance on every hop); a subclass (an adapter's request root)
+        # registers itself here to be treated as one.
+        super().__init_subclass__(**kwargs)
+        _NODE_TYPES.add(cls)
+        if any(base in _TIMER_TYPES for base in cls.__mro__):
+            _TIMER_TYPES.add(cls)
 
     def __init__(self, parent: Context) -> None:
         self._parent = parent
@@ -424,7 +439,7 @@ class _CancelCtx(Context):
                     siblings.pop(_WeakRef(self), None)
             if (
                 self._children is None
-                and (type(self) is _CancelCtx or self._timer is None)  # type: ignore[attr-defined]
+                and (type(self) not in _TIMER_TYPES or self._timer is None)  # type: ignore[attr-defined]
                 and (link is None or not remove or type(link) in _NODE_TYPES)
             ):
                 return  # the common case: nothing else to do
@@ -447,9 +462,11 @@ class _CancelCtx(Context):
         stack: list[_CancelCtx] = [self]
         while stack:
             node = stack.pop()
-            if type(node) is _TimerCtx and node._timer is not None:
-                timers.append(node._timer)
-                node._timer = None
+            if type(node) in _TIMER_TYPES:
+                timer = node._timer  # type: ignore[attr-defined]
+                if timer is not None:
+                    timers.append(timer)
+                    node._timer = None  # type: ignore[attr-defined]
             children = node._children
             if not children:
                 continue
@@ -459,8 +476,7 @@ class _CancelCtx(Context):
                     entry = entry()
                     if entry is None:
                         continue
-                t = type(entry)
-                if t is _CancelCtx or t is _TimerCtx:
+                if type(entry) in _NODE_TYPES:
                     if entry._err is None:
                         entry._cause = cause
                         entry._err = err
@@ -591,6 +607,10 @@ class _TimerCtx(_CancelCtx):
         return f"{self._parent}.with_deadline({self._when:.6f} [{left:.6f}s])"
 
 
+_NODE_TYPES.add(_CancelCtx)
+_TIMER_TYPES.add(_TimerCtx)
+
+
 def _new_request_root(parent: Context, when: float, cancelled_by: Context) -> _TimerCtx:
     """A cancellable context with a movable deadline and no timer yet (see _arm).
 
@@ -603,7 +623,6 @@ def _new_request_root(parent: Context, when: float, cancelled_by: Context) -> _T
     return root
 
 
-_NODE_TYPES = (_CancelCtx, _TimerCtx)
 
 
 class _ValueCtx(Context):
@@ -720,7 +739,7 @@ def _propagate(parent: Context, child: _CancelCtx) -> None:
         node = src if type(src) in _NODE_TYPES else None
         if node is None and type(src) in (_EmptyCtx, _WithoutCancelCtx):
             return
-    elif t is _CancelCtx or t is _TimerCtx:
+    elif t in _NODE_TYPES:
         node = parent
     elif t is _EmptyCtx or t is _WithoutCancelCtx:
         return
@@ -747,7 +766,7 @@ def _propagate(parent: Context, child: _CancelCtx) -> None:
             child._err = node._err
             return
         child._link = node
-        child._dnode = node if type(node) is _TimerCtx else node._dnode
+        child._dnode = node if type(node) in _TIMER_TYPES else node._dnode  # type: ignore[assignment]
         children = node._children
         if children is None:
             children = node._children = {}
@@ -975,7 +994,7 @@ def _subscribe(
     """
     t = type(ctx)
     owner: _CancelCtx | None
-    if t is _CancelCtx or t is _TimerCtx:
+    if t in _NODE_TYPES:
         owner = ctx  # type: ignore[assignment]
     elif t is _ValueCtx and type(ctx._src) in _NODE_TYPES:  # type: ignore[attr-defined]
         owner = ctx._src  # type: ignore[attr-defined]

@@ -16,19 +16,18 @@ from typing import Any, TypeVar
 from .._core._context import (
     _CANCEL_NODE,
     Context,
-    Done,
     Key,
     _CancelCtx,
     _current,
     _lookup,
-    _new_request_root,
+    _propagate,
     _TimerCtx,
     _ValueCtx,
     background,
     cause,
     current,
 )
-from .._core._errors import ContextError, DeadlineExceeded
+from .._core._errors import Canceled, ContextError, DeadlineExceeded
 from .._core._scope import CancelScope
 from ._values import (
     AUTH_TOKEN,
@@ -95,9 +94,6 @@ else:  # 3.11's asyncio.current_task() is Python code; its registry is a dict
 
 
 _UNSET: Any = object()
-
-# The key under which a request's values node answers with itself (see _request_of).
-_THIS_REQUEST = Key[Any]("ctxmiddleware request")
 
 
 class ContextMiddleware:
@@ -166,6 +162,10 @@ class ContextMiddleware:
         self._fwd_name: bytes | None = fwd.encode() if self.trusted_proxies else None
         self._fwd_rfc7239 = fwd == "forwarded"
         self._rid_name = request_id_header.lower().encode("latin-1")
+        if not self._rid_name:
+            raise ValueError("request_id_header must not be empty")
+        self._rid_len = len(self._rid_name)
+        self._rid_first = self._rid_name[0] | 0x20
         self._tmo_name = timeout_header.lower().encode("latin-1")
         if not 100 <= timeout_status <= 599:
             raise ValueError("timeout_status must be an HTTP status code")
@@ -173,6 +173,7 @@ class ContextMiddleware:
         self._timeout_body = bytes(timeout_body)
         self._values = values
         self._base = base if base is not None else background()
+        self._base_cancels = self._base is not background()
         if not (0 <= disconnect_grace <= 0.005):
             # A longer grace would push disconnect-to-cancel latency past a few ms.
             raise ValueError("disconnect_grace must be between 0 and 0.005 seconds")
@@ -200,7 +201,7 @@ class ContextMiddleware:
         # The request runs in this frame, not in a coroutine of its own: this
         # is the hot path, and most requests are over within one loop step.
         request = _HttpRequest(self, scope, receive, send)
-        root = request.root
+        root = request  # (named for what it is to the app)
         if root._err is not None:
             await request._answer_spent(scope)
             return
@@ -249,12 +250,14 @@ class ContextMiddleware:
             _current.reset(token)
 
 
-class _RequestValues(Context):
-    """REQUEST_ID, CLIENT_IP and AUTH_TOKEN of one request, in one context node.
+class _Request(_TimerCtx):
+    """The root context of one request, which also carries its values.
 
-    The client address and the token are worked out when first asked for:
-    most requests never ask. (No ``__slots__``: the class-level defaults
-    below cost nothing per request.)
+    It answers REQUEST_ID, CLIENT_IP and AUTH_TOKEN itself (one object per
+    request, not a chain of three); the client address and the token are
+    worked out when first asked for: most requests never ask. (No
+    ``__slots__`` of its own: the class-level defaults below cost nothing per
+    request.)
     """
 
     _client_ip: str | None = _UNSET
@@ -266,14 +269,24 @@ class _RequestValues(Context):
     budget_ms: int | None = None
     eager_ok = True
 
-    def __init__(self, mw: ContextMiddleware, scope: Scope) -> None:
-        # (_HttpRequest.__init__ repeats these lines rather than calling this.)
+    def __init__(self, mw: ContextMiddleware, scope: Scope, when: float = _INF) -> None:
+        """A websocket connection's root; _HttpRequest has its own __init__."""
         self.mw = mw
-        # Not the scope itself: scope["state"]["ctx"] leads back here, and
-        # that cycle would leave every request to the cyclic GC.
         self._client = scope.get("client")
         rid = self._scan_headers(scope["headers"])
         self.rid = (rid is not None and sane_request_id(rid)) or new_request_id()
+        self._init_root(scope, when)
+
+    def _init_root(self, scope: Scope, when: float) -> None:
+        mw = self.mw
+        parent: Context = mw._base
+        hook = mw._values
+        if hook is not None:
+            for key, value in hook(scope):
+                parent = _ValueCtx(parent, key, value)
+        _TimerCtx.__init__(self, parent, when, None)
+        if mw._base_cancels:
+            _propagate(mw._base, self)
 
     @property
     def request_id(self) -> str:
@@ -314,27 +327,11 @@ class _RequestValues(Context):
                 self._fwd.append(value)
         return rid
 
-    def _with_user_values(self, scope: Scope) -> Context:
-        """This node, under the values of the middleware's ``values`` hook."""
-        ctx: Context = self
-        hook = self.mw._values
-        if hook is not None:
-            for key, value in hook(scope):
-                ctx = _ValueCtx(ctx, key, value)
-        return ctx
-
     # -- Context -----------------------------------------------------------
 
-    def deadline(self) -> float | None:
-        return self.mw._base.deadline()
-
-    def done(self) -> Done:
-        return self.mw._base.done()
-
-    def err(self) -> ContextError | None:
-        return self.mw._base.err()
-
     def value(self, key: Any) -> Any:
+        if key is _CANCEL_NODE:
+            return self
         if key is REQUEST_ID:
             rid = self._request_id
             if rid is None:
@@ -344,9 +341,7 @@ class _RequestValues(Context):
             return self.client_ip()
         if key is AUTH_TOKEN:
             return self.token()
-        if key is _THIS_REQUEST:
-            return self
-        return _lookup(self.mw._base, key)
+        return _lookup(self._parent, key)
 
     def client_ip(self) -> str | None:
         ip = self._client_ip
@@ -373,7 +368,11 @@ class _RequestValues(Context):
             names.append("client_ip")
         if self.token() is not None:
             names.append("auth_token")
-        return str(self.mw._base) + "".join(f".with_value({name})" for name in names)
+        values = "".join(f".with_value({name})" for name in names)
+        if self._when == _INF:
+            return f"{self._parent}{values}.with_cancel"
+        left = self._when - _monotonic()
+        return f"{self._parent}{values}.with_deadline({self._when:.6f} [{left:.6f}s])"
 
 
 class _GraceTicker:
@@ -414,12 +413,8 @@ class _GraceTicker:
             self.handle = self.loop.call_at(self.loop.time() + delay, self.tick)
 
 
-class _HttpRequest(_RequestValues):
-    """One HTTP request going through the middleware.
-
-    It is also the context node that carries the request's values, under the
-    root context: one object per request instead of two.
-    """
+class _HttpRequest(_Request):
+    """One HTTP request going through the middleware, and its root context."""
 
     # Class-level defaults: most requests never change most of these, and
     # __init__ runs for every request.
@@ -445,7 +440,7 @@ class _HttpRequest(_RequestValues):
 
     def __init__(self, mw: ContextMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
         arrival = self.arrival = _monotonic()
-        # _RequestValues.__init__, written out: one call less per request.
+        # _Request.__init__, written out: one call less per request.
         self.mw = mw
         self._client = scope.get("client")
         rid = self._scan_headers(scope["headers"])
@@ -459,14 +454,13 @@ class _HttpRequest(_RequestValues):
             self.header_when = arrival + tmo / 1000.0
             if self.header_when < when:
                 when = self.header_when
-        parent = self if mw._values is None else self._with_user_values(scope)
-        root = self.root = _new_request_root(parent, when, mw._base)
+        self._init_root(scope, when)
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["ctx"] = root
+        state["ctx"] = self
         if tmo == 0:
-            root._expire()  # the caller's budget is already spent
+            self._expire()  # the caller's budget is already spent
             return
 
         loop = asyncio.get_running_loop()
@@ -491,7 +485,7 @@ class _HttpRequest(_RequestValues):
     async def _answer_spent(self, scope: Scope) -> None:
         """Answer a request whose caller's budget was spent on arrival; don't run the app."""
         await self._send_timeout()
-        token = _current.set(self.root)  # log filters see the request id
+        token = _current.set(self)  # log filters see the request id
         try:
             self._log_end(scope)
         finally:
@@ -507,22 +501,20 @@ class _HttpRequest(_RequestValues):
             self.watcher = None
             if not watcher.done():
                 watcher.cancel()
-        root = self.root
-        done_before = root._err is not None
-        root._cancel_func()
+        done_before = self._err is not None
+        self._cancel(True, Canceled(), None)  # (what cancel() does, one call less)
         if done_before:
             self._log_end(scope)
             self._drop_tracebacks()
         self._let_go()
 
     def _let_go(self) -> None:
-        # The root context, which the app may keep (without_cancel(ctx) in a
-        # background job), leads here: let go of the root and of the server's
-        # channels, so that the connection does not outlive the request
-        # through it, and so that no cycle (root -> here -> root, or scope ->
-        # state -> root -> here -> server -> scope) is left to the cyclic GC.
+        # The app may keep this root context (without_cancel(ctx) in a
+        # background job): let go of the server's channels, so that the
+        # connection does not outlive the request through it, and so that no
+        # cycle (scope -> state -> here -> server -> scope) is left to the
+        # cyclic GC.
         self.ended = True
-        self.root = _ENDED_ROOT
         self.server_receive = _receive_after_end
         self.server_send = _send_after_end
         if self.cancel_scope is not None:
@@ -535,14 +527,14 @@ class _HttpRequest(_RequestValues):
         then and never pay for either.
         """
         if self.cancel_scope is None and not self.ended:
-            scope = self.cancel_scope = CancelScope(self.root)
+            scope = self.cancel_scope = CancelScope(self)
             scope._enter_task(self.task, self.cancelling)
-        self.root._arm()
+        self._arm()
 
     def _drop_tracebacks(self) -> None:
         # The error and its chain hold this request's frames, which hold the
         # context, which holds the error: a cycle only the cyclic GC would free.
-        err = self.root._err
+        err = self._err
         if err is not None:
             err.__traceback__ = None
             err.__context__ = None
@@ -551,7 +543,7 @@ class _HttpRequest(_RequestValues):
     # -- outcomes --------------------------------------------------------
 
     async def _on_context_done(self, err: ContextError) -> None:
-        why = cause(self.root)
+        why = cause(self)
         if isinstance(why, ClientDisconnected):
             return  # nobody to answer
         if isinstance(err, DeadlineExceeded) and not self.started:
@@ -582,13 +574,12 @@ class _HttpRequest(_RequestValues):
             pass
 
     def _log_end(self, scope: Scope) -> None:
-        root = self.root
         if not self.complete and self.disconnect is not None:
             _log.info(
                 '%s %s 499 client disconnected request_id=%s',
                 scope.get("method"), scope.get("path"), self.request_id,
             )
-        elif isinstance(root._err, DeadlineExceeded) and (
+        elif isinstance(self._err, DeadlineExceeded) and (
             not self.complete or self.status == self.mw._timeout_status
         ):
             _log.warning(
@@ -608,8 +599,11 @@ class _HttpRequest(_RequestValues):
             return _NOTHING  # the rest of a 500 we answered in place of
         kind = message["type"]
         if kind == "http.response.body":
-            if not self.trailers and not message.get("more_body", False):
-                self._response_complete()
+            if not message.get("more_body", False) and not self.trailers:
+                # _response_complete(), written out: this is every response's end.
+                self.complete = True
+                if self.cancel_scope is not None:
+                    self.cancel_scope._disarm()
         elif kind == "http.response.start":
             if not self.started:
                 status = message["status"]
@@ -621,11 +615,13 @@ class _HttpRequest(_RequestValues):
                     self.trailers = True
                 # The start message is built for this one call (as Starlette
                 # does), so it is updated in place, like other middlewares do.
-                rid_name = self.mw._rid_name
+                mw = self.mw
+                rid_name = mw._rid_name
                 headers = message.get("headers", ())
                 for name, _ in headers:
-                    if name == rid_name or (
-                        len(name) == len(rid_name) and name.lower() == rid_name
+                    # (Cheap tests first: lower() only for a likely match.)
+                    if len(name) == mw._rid_len and name[0] | 0x20 == mw._rid_first and (
+                        name.lower() == rid_name
                     ):
                         # Exactly one request id, the one the logs carry.
                         headers = [h for h in headers if h[0].lower() != rid_name]
@@ -651,13 +647,13 @@ class _HttpRequest(_RequestValues):
     async def _replace_500(self) -> None:
         # ctx.err() escaped the handler and the app's error middleware made
         # it a 500: answer as if it had reached us.
-        if isinstance(self.root._err, DeadlineExceeded):
+        if isinstance(self._err, DeadlineExceeded):
             await self._send_timeout()
         self.replacing = True
 
     def _cancelled_by_us(self) -> bool:
         scope = self.cancel_scope
-        return self.root._err is not None and scope is not None and scope.cancel_called
+        return self._err is not None and scope is not None and scope.cancel_called
 
     def _response_complete(self) -> None:
         # Before the final send is awaited: uvicorn reports http.disconnect
@@ -745,7 +741,7 @@ class _HttpRequest(_RequestValues):
             self.disconnect = {"type": "http.disconnect"}
             self._wake_readers()
         if not self.complete:
-            self.root._cancel_cause_func(ClientDisconnected())
+            self._cancel_cause_func(ClientDisconnected())
             if self.cancel_scope is None and not self.replacing:
                 self._start_watching()  # within the grace period: cancel the app now
 
@@ -761,15 +757,9 @@ class _HttpRequest(_RequestValues):
     def _set_timeout(self, seconds: float | None) -> None:
         when = _INF if seconds is None else self.arrival + seconds
         when = min(when, self.header_when)  # the caller's budget still caps it
-        root = self.root
-        root._move_deadline(when)
+        self._move_deadline(when)
         if self.grace_over or when - _monotonic() <= self.mw._grace:
             self._start_watching()
-
-
-# What an ended request holds instead of its root context (see _let_go).
-_ENDED_ROOT = _new_request_root(background(), _INF, background())
-_ENDED_ROOT._cancel_func()
 
 
 async def _receive_after_end() -> Message:
@@ -782,9 +772,8 @@ async def _send_after_end(message: Message) -> None:
 
 async def _run_websocket(mw: ContextMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
     """A context per websocket connection, cancelled when the client disconnects."""
-    values = _RequestValues(mw, scope)
-    request_id = values.rid
-    root: _TimerCtx = _new_request_root(values._with_user_values(scope), _INF, mw._base)
+    root = _Request(mw, scope)
+    request_id = root.rid
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
@@ -867,15 +856,12 @@ def set_request_timeout(seconds: float | None) -> None:
 
 
 def _request_of(ctx: Context) -> _HttpRequest | None:
-    """The request in flight whose root context ``ctx`` is, or derives from."""
-    request = ctx.value(_THIS_REQUEST)
-    if not isinstance(request, _HttpRequest) or request.ended:
-        return None
-    # Derived through with_cancel/with_timeout, not through without_cancel.
+    """The request in flight whose root context ``ctx`` is, or derives from
+    (through with_cancel/with_timeout, not through without_cancel)."""
     node = ctx.value(_CANCEL_NODE)
     while isinstance(node, _CancelCtx):
-        if node is request.root:
-            return request
+        if isinstance(node, _HttpRequest):
+            return None if node.ended else node
         link = node._link
         node = link if isinstance(link, _CancelCtx) else None
     return None
