@@ -16,7 +16,10 @@ Method (the machine is shared and noisy):
   RequestIdPlugin + CorrelationIdPlugin; (d) asgi-correlation-id
   ``CorrelationIdMiddleware``; (e) fastapi-disconnect
   ``CancelOnDisconnectMiddleware``; (f) a naive ``asyncio.timeout(30)``
-  middleware. Middlewares are added with ``app.add_middleware``.
+  middleware; (g) an empty pure-ASGI middleware (the floor for any
+  middleware); (h) the least a context per request takes, by hand with the
+  public API (see ``MinimalContextMiddleware``). Middlewares are added with
+  ``app.add_middleware``.
 * One uvicorn process per variant (httptools, uvloop if installed, one worker,
   ``--no-access-log --log-level warning --no-proxy-headers``), all pinned to
   CPU 0 with ``taskset`` and started up front (idle ones cost nothing); each is
@@ -35,8 +38,10 @@ Method (the machine is shared and noisy):
   5 interleaved rounds, medians, and the "best-slot" ratio.
 * ``--inprocess``: the per-request CPU time of the same apps called in-process
   (no server, no sockets), see ``inprocess()``; ``--ablate``: what each piece
-  of ContextMiddleware costs, see ``ablate()``; ``--chart-only`` redraws the
-  chart from ``bench/out/*.json``.
+  of ContextMiddleware costs, see ``ablate()``; ``--instructions``: the server
+  instructions per request counted by valgrind, a ratio immune to the noise
+  (see ``instructions()``); ``--chart-only`` redraws the chart from
+  ``bench/out/*.json``.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ VARIANTS = {
     "e": "fastapi-disconnect CancelOnDisconnectMiddleware",
     "f": "naive asyncio.timeout(30) middleware",
     "g": "empty pure-ASGI middleware (floor: await app)",
+    "h": "minimal context by hand (id + root ctx + bind + cancel; no disconnect/deadline)",
 }
 
 
@@ -325,6 +331,49 @@ class PassThroughMiddleware:
         await self.app(scope, receive, send)
 
 
+class _IdSend:
+    __slots__ = ("rid", "send")
+
+    def __init__(self, send: Any, rid: bytes) -> None:
+        self.send = send
+        self.rid = rid
+
+    def __call__(self, message: Any) -> Any:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", self.rid)]
+        return self.send(message)
+
+
+class MinimalContextMiddleware:
+    """The least a context per request takes, written by hand with the public API:
+    a request id (pooled, echoed), a cancellable root context with the id as a
+    value, bound for current(), in request.state, cancelled when the app returns.
+    No disconnect watching, no deadline, no header parsing, no client IP or token:
+    a lower bound for what ContextMiddleware does, not an alternative to it."""
+
+    def __init__(self, app: Any) -> None:
+        import ctxmiddleware
+        from ctxmiddleware._web._values import new_request_id
+
+        self.app = app
+        self.api = ctxmiddleware
+        self.new_request_id = new_request_id  # the middleware's pooled ids
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        api = self.api
+        rid = self.new_request_id()
+        ctx, cancel = api.with_cancel(api.with_value(api.background(), api.REQUEST_ID, rid))
+        scope.setdefault("state", {})["ctx"] = ctx
+        try:
+            with api.bind(ctx):
+                await self.app(scope, receive, _IdSend(send, rid))
+        finally:
+            cancel()
+
+
 class NaiveTimeoutMiddleware:
     """The obvious pure-ASGI deadline: ``async with asyncio.timeout(30)``."""
 
@@ -374,6 +423,8 @@ def build_app(variant: str) -> Any:
         app.add_middleware(NaiveTimeoutMiddleware, timeout=30)
     elif variant == "g":
         app.add_middleware(PassThroughMiddleware)
+    elif variant == "h":
+        app.add_middleware(MinimalContextMiddleware)
     elif variant != "a":
         raise ValueError(variant)
     return app
@@ -894,6 +945,96 @@ def render_ablation(rows: list[tuple[str, float | None]], markdown: bool) -> str
     return render_table(["variant", "CPU us/req (min)", "difference"], body, markdown)
 
 
+# -- instructions: a noise-free ratio ----------------------------------------------
+# The same servers, run under valgrind (cachegrind, no cache simulation), which
+# counts every instruction the server process executes. Each variant is served
+# twice: with a warm-up only, and with the warm-up plus N requests (8 keep-alive
+# connections); the difference / N is what one request costs, server side
+# (Python, uvloop, httptools, the kernel interface), whatever the neighbours do.
+# Instructions are not time (cache misses and syscalls cost more than their
+# count), but they do not drift: the req/s table above moves by +-0.2 here.
+
+_REQ = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def _fixed_load(port: int, total: int, connections: int = 8) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def worker(count: int) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                for _ in range(count):
+                    sock.sendall(_REQ)
+                    buf = b""
+                    while not buf.endswith(b"\r\n\r\nok"):
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            raise ConnectionError("server closed the connection")
+                        buf += chunk
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(total // connections,))
+               for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _server_instructions(variant: str, requests: int) -> int:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONHASHSEED="0")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+             sys.executable, str(Path(__file__).resolve()), "--serve", variant,
+             "--port", str(port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=err,
+        )
+        try:
+            wait_port(port, proc, timeout=120)
+            _fixed_load(port, 200, connections=4)  # warm-up
+            if requests:
+                _fixed_load(port, requests)
+        finally:
+            stop_server(proc)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    m = re.search(r"I\s+refs:\s+([\d,]+)", text)
+    if m is None:
+        raise RuntimeError(f"no instruction count from valgrind: {text[-500:]}")
+    return int(m.group(1).replace(",", ""))
+
+
+def instructions(variants: list[str], requests: int) -> list[dict[str, Any]]:
+    rows = []
+    for v in variants:
+        base = _server_instructions(v, 0)
+        loaded = _server_instructions(v, requests)
+        rows.append({"variant": v, "label": VARIANTS[v], "per_request": (loaded - base) / requests})
+        print(f"  ({v}) {rows[-1]['per_request']:,.0f} instructions/request", file=sys.stderr)
+    bare = next(r["per_request"] for r in rows if r["variant"] == "a")
+    for r in rows:
+        r["ratio"] = bare / r["per_request"]
+        r["added"] = r["per_request"] - bare
+    return rows
+
+
+def render_instructions(rows: list[dict[str, Any]], markdown: bool) -> str:
+    head = ["variant", "server instructions/request", "added vs (a)", "ratio (a)/variant"]
+    body = [
+        [f"({r['variant']}) {r['label']}", f"{r['per_request']:,.0f}", f"{r['added']:+,.0f}",
+         f"{r['ratio']:.3f}"]
+        for r in rows
+    ]
+    return render_table(head, body, markdown)
+
+
 # -- chart ------------------------------------------------------------------------
 
 
@@ -910,6 +1051,7 @@ def draw_chart(path: Path) -> None:
         "a": "bare", "b": "ContextMiddleware", "c": "starlette-context",
         "d": "asgi-correlation-id", "e": "fastapi-disconnect", "f": "naive\nasyncio.timeout",
         "g": "empty\nmiddleware",
+        "h": "minimal\ncontext",
     }
     labels = [f"({r['variant']}) {short.get(r['variant'], '')}" for r in rows]
     color = {"a": "#9e9e9e", "b": "#1f77b4", "f": "#bcbd22"}
@@ -1014,7 +1156,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=float, default=5.0, help="wrk -d, seconds")
     p.add_argument("--connections", type=int, default=32, help="wrk -c")
-    p.add_argument("--variants", default="abcdefg")
+    p.add_argument("--variants", default="abcdefgh")
     p.add_argument("--gate", type=float, default=0.15,
                    help="max foreign busy fraction of a CPU during a slot")
     p.add_argument("--retries", type=int, default=0,
@@ -1028,12 +1170,32 @@ def main() -> None:
                    help="only the in-process CPU cost per request (no server, no wrk)")
     p.add_argument("--ablate", action="store_true",
                    help="only the per-piece cost breakdown of ContextMiddleware (in-process)")
+    p.add_argument("--instructions", action="store_true",
+                   help="only count server instructions per request under valgrind")
+    p.add_argument("--requests", type=int, default=8000,
+                   help="requests per variant for --instructions")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
 
     status = ensure_venv()
     if args.chart_only:
         draw_chart(args.chart or ROOT / "docs" / "overhead.png")
+        return
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+        in_variants = [v for v in args.variants if v in VARIANTS and v not in status["skipped"]]
+        if "a" not in in_variants:
+            in_variants.insert(0, "a")
+        t0 = time.monotonic()
+        ins_rows = instructions(in_variants, args.requests)
+        date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        if args.markdown:
+            print("### Server instructions per request (valgrind, noise-free)\n")
+            print(f"`python bench/bench_overhead.py {' '.join(sys.argv[1:])}`, {date}, "
+                  f"{args.requests:,} requests over 8 keep-alive connections per variant, "
+                  f"{time.monotonic() - t0:.0f} s.\n")
+        print(render_instructions(ins_rows, args.markdown))
         return
     if args.ablate:
         t0 = time.monotonic()
