@@ -1288,3 +1288,66 @@ def test_quick_requests_leave_no_cyclic_garbage() -> None:
             gc.enable()
 
     assert asyncio.run(main()) == 0
+
+
+# -- after the request: what the root context and its channels still do ---------
+
+
+def test_after_the_request_the_context_is_cancelled_and_the_channels_are_closed() -> None:
+    """Work that outlives the request (a task it spawned) sees a cancelled context
+    with its values, a receive() that reports the disconnect, a send() that fails,
+    and set_request_timeout() refusing; children derived from the root were linked
+    to it as to any cancellable context (no Done created for them)."""
+
+    async def main() -> None:
+        seen: dict[str, Any] = {}
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            ctx = ctxmiddleware.current()
+            child, _ = ctxmiddleware.with_timeout(ctx, 5)
+            seen.update(ctx=ctx, child=child, receive=receive, send=send)
+            await receive()
+            await _respond(send, 200, b"ok")
+
+        mw = ContextMiddleware(app, timeout=5)
+        server = FakeServer()
+        await mw(http_scope(headers=[(b"x-request-id", b"after-1")]), server.receive, server.send)
+        ctx, child = seen["ctx"], seen["child"]
+        assert type(ctx.err()) is Canceled and type(child.err()) is Canceled
+        assert ctx.done().is_set() and child.done().is_set()
+        assert ctx.value(ctxmiddleware.REQUEST_ID) == "after-1"
+        assert await seen["receive"]() == {"type": "http.disconnect"}
+        with pytest.raises(RuntimeError, match="after the request ended"):
+            await seen["send"]({"type": "http.response.body", "body": b"late"})
+        with ctxmiddleware.bind(ctx), pytest.raises(RuntimeError):
+            ctxmiddleware.set_request_timeout(10)
+        assert server.sent[0]["status"] == 200 and len(server.sent) == 2
+        assert_no_leftovers(mw)
+
+    asyncio.run(main())
+
+
+def test_request_root_is_linked_like_a_core_context() -> None:
+    """The request's root is a subclass of the core's timer context: deriving from
+    it registers the child directly (no Done, no listener), and cancelling it
+    reaches the child at once."""
+
+    async def main() -> None:
+        seen: dict[str, Any] = {}
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            ctx = ctxmiddleware.current()
+            child, _ = ctxmiddleware.with_cancel(ctx)
+            seen["done_before"] = ctx._done  # None: nothing asked for the root's Done
+            seen["children"] = len(ctx._children or {})
+            seen["child"] = child
+            await _respond(send, 200, b"ok")
+
+        mw = ContextMiddleware(app, timeout=5)
+        server = FakeServer()
+        await mw(http_scope(), server.receive, server.send)
+        assert seen["done_before"] is None
+        assert seen["children"] == 1
+        assert type(seen["child"].err()) is Canceled
+
+    asyncio.run(main())

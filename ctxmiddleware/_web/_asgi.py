@@ -269,15 +269,18 @@ class _Request(_TimerCtx):
     budget_ms: int | None = None
     eager_ok = True
 
-    def __init__(self, mw: ContextMiddleware, scope: Scope, when: float = _INF) -> None:
-        """A websocket connection's root; _HttpRequest has its own __init__."""
+    def __init__(self, mw: ContextMiddleware, scope: Scope) -> None:
+        """A websocket connection's root (no deadline); _HttpRequest has its own."""
         self.mw = mw
+        # Not the scope itself: scope["state"]["ctx"] is this object.
         self._client = scope.get("client")
         rid = self._scan_headers(scope["headers"])
         self.rid = (rid is not None and sane_request_id(rid)) or new_request_id()
-        self._init_root(scope, when)
+        self._init_root(scope, _INF)
 
     def _init_root(self, scope: Scope, when: float) -> None:
+        """The context part: parent (the base, under the ``values`` hook's
+        values), deadline ``when``, link to a cancellable base."""
         mw = self.mw
         parent: Context = mw._base
         hook = mw._values
@@ -333,10 +336,7 @@ class _Request(_TimerCtx):
         if key is _CANCEL_NODE:
             return self
         if key is REQUEST_ID:
-            rid = self._request_id
-            if rid is None:
-                rid = self._request_id = self.rid.decode("ascii")
-            return rid
+            return self.request_id
         if key is CLIENT_IP:
             return self.client_ip()
         if key is AUTH_TOKEN:
