@@ -818,7 +818,6 @@ def ablate(reps: int = 200, n: int = 2000) -> list[tuple[str, float | None]]:
 
     sys.path.insert(0, str(ROOT))
     from ctxmiddleware import ContextMiddleware
-    from ctxmiddleware._core import _context as core
     from ctxmiddleware._web import _asgi as web
 
     async def receive() -> dict[str, Any]:
@@ -875,9 +874,10 @@ def ablate(reps: int = 200, n: int = 2000) -> list[tuple[str, float | None]]:
     stubs: dict[str, list[tuple[Any, str, Any]]] = {
         "CancelScope(root) + _enter() + _exit()": [(web, "CancelScope", NoScope)],
         "new_request_id()": [(web, "new_request_id", lambda: rid)],
-        "header scan": [(web._RequestValues, "_scan_headers", lambda self, h: None)],
+        "header scan": [(web._Request, "_scan_headers", lambda self, h: None)],
         "send() wrapper (2 messages)": [(web._HttpRequest, "send", passthrough)],
-        "root._cancel_func() at the end": [(core._CancelCtx, "_cancel_func", lambda self: None)],
+        "root._cancel() at the end": [
+            (web._HttpRequest, "_cancel", lambda self, remove, err, cause: None)],
         "ContextVar set + reset": [(web, "_current", NoVar())],
         "_end() but its grace bookkeeping (cancel, let go)": [
             (web._HttpRequest, "_end", lambda self, scope: self.ticker.pending.pop(self))],
@@ -1054,7 +1054,7 @@ def draw_chart(path: Path) -> None:
         "h": "minimal\ncontext",
     }
     labels = [f"({r['variant']}) {short.get(r['variant'], '')}" for r in rows]
-    color = {"a": "#9e9e9e", "b": "#1f77b4", "f": "#bcbd22"}
+    color = {"a": "#9e9e9e", "b": "#1f77b4", "f": "#bcbd22", "g": "#c7c7c7", "h": "#17becf"}
     colors = [color.get(r["variant"], "#ff7f0e") for r in rows]
     xs = list(range(len(rows)))
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
