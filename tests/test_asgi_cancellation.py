@@ -1351,3 +1351,52 @@ def test_request_root_is_linked_like_a_core_context() -> None:
         assert type(seen["child"].err()) is Canceled
 
     asyncio.run(main())
+
+
+def test_slow_timed_out_and_abandoned_requests_leave_no_cyclic_garbage() -> None:
+    """Past the grace period (cancel scope, watcher task, armed timer), at the
+    deadline (504) and on a disconnect: nothing is left for the cyclic GC."""
+    import gc
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await asyncio.sleep(0.004 if scope["path"] == "/slow" else 60)
+        await _respond(send, 200, b"ok")
+
+    mw = ContextMiddleware(app, timeout=0.02)
+
+    async def main() -> dict[str, int]:
+        async def slow() -> None:
+            server = FakeServer()
+            await mw(dict(http_scope(), path="/slow"), server.receive, server.send)
+            assert server.sent[0]["status"] == 200
+
+        async def deadline() -> None:
+            server = FakeServer()
+            await mw(http_scope(), server.receive, server.send)
+            assert server.sent[0]["status"] == 504
+
+        async def disconnect() -> None:
+            server = FakeServer()
+            task = asyncio.create_task(mw(http_scope(), server.receive, server.send))
+            await asyncio.sleep(0.005)
+            server.disconnect()
+            await asyncio.wait_for(task, WAIT)
+            assert server.sent == []
+
+        found = {}
+        for kind in (slow, deadline, disconnect):
+            await kind()
+            await settle()
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(10):
+                    await kind()
+                await settle()
+                found[kind.__name__] = gc.collect()
+            finally:
+                gc.enable()
+        return found
+
+    assert asyncio.run(main()) == {"slow": 0, "deadline": 0, "disconnect": 0}
