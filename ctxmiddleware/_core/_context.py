@@ -554,7 +554,7 @@ class _TimerCtx(_CancelCtx):
             return
         self._cancel(True, DeadlineExceeded(), self._deadline_cause)
 
-    # -- request roots (used by the web adapters) --------------------------
+    # -- request roots (the web adapters subclass this class) ---------------
     # A request's root context is built before routing, but a route may set
     # its own timeout, so its deadline can be moved until the app starts
     # deriving work from it. _when == inf means "no deadline".
@@ -609,20 +609,6 @@ class _TimerCtx(_CancelCtx):
 
 _NODE_TYPES.add(_CancelCtx)
 _TIMER_TYPES.add(_TimerCtx)
-
-
-def _new_request_root(parent: Context, when: float, cancelled_by: Context) -> _TimerCtx:
-    """A cancellable context with a movable deadline and no timer yet (see _arm).
-
-    ``cancelled_by`` is the ancestor whose cancellation reaches it (the layers
-    between, request values, cannot be cancelled).
-    """
-    root = _TimerCtx(parent, when, None)
-    if cancelled_by is not _BACKGROUND:
-        _propagate(cancelled_by, root)
-    return root
-
-
 
 
 class _ValueCtx(Context):
