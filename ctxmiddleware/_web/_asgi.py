@@ -200,13 +200,13 @@ class ContextMiddleware:
             return
         # The request runs in this frame, not in a coroutine of its own: this
         # is the hot path, and most requests are over within one loop step.
+        # The request is also its root context: request.state.ctx, current().
         request = _HttpRequest(self, scope, receive, send)
-        root = request  # (named for what it is to the app)
-        if root._err is not None:
+        if request._err is not None:
             await request._answer_spent(scope)
             return
         inside_starlette = "app" in scope  # set by Starlette before its middleware run
-        token = _current.set(root)
+        token = _current.set(request)
         try:
             try:
                 await self.app(scope, request.receive, request.send)
@@ -217,19 +217,19 @@ class ContextMiddleware:
             if request.cancel_scope is not None:
                 request.cancel_scope._exit(None, None)
             if not request.started:
-                err = root.err()
+                err = request.err()
                 if err is not None:
                     # The app swallowed our cancellation and returned empty-handed.
                     await request._on_context_done(err)
         except ContextError:
-            err = root.err()
+            err = request.err()
             if err is None:
                 raise  # someone else's context
             await request._on_context_done(err)
         except Exception:
-            err = root.err()
+            err = request.err()
             if err is not None and (
-                request._cancelled_by_us() or isinstance(cause(root), ClientDisconnected)
+                request._cancelled_by_us() or isinstance(cause(request), ClientDisconnected)
             ):
                 # What the app raised while being cancelled (a driver's own
                 # error, say) is a consequence of the cancellation. So is what
