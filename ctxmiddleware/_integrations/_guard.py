@@ -84,12 +84,9 @@ class OutOfBandCancel:
 
         Returns True if a cancel was sent.
         """
-        if self._closed:
-            return self._finished.is_set()
-        self._closed = True
-        if self._stop():
-            return False
-        self._closing.set()
+        done = self._begin_close()
+        if done is not None:
+            return done
         self._finished.wait(_CANCEL_WAIT)
         return True
 
@@ -98,15 +95,23 @@ class OutOfBandCancel:
 
         A cancellation that arrives meanwhile is re-raised after the wait.
         """
+        done = self._begin_close()
+        if done is not None:
+            return done
+        if not self._finished.is_set():
+            await run_to_end(anyio.to_thread.run_sync(self._finished.wait, _CANCEL_WAIT))
+        return True
+
+    def _begin_close(self) -> bool | None:
+        """Stop watching. The result of close() if there is nothing to wait for,
+        else None: a cancel has started and close() must wait for it."""
         if self._closed:
             return self._finished.is_set()
         self._closed = True
         if self._stop():
             return False
         self._closing.set()
-        if not self._finished.is_set():
-            await run_to_end(anyio.to_thread.run_sync(self._finished.wait, _CANCEL_WAIT))
-        return True
+        return None
 
 
 def statement_timeout_ms(ctx: Context) -> int | None:

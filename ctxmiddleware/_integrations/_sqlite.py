@@ -39,9 +39,7 @@ def sqlite_interruptible(
     try:
         yield conn
     except sqlite3.OperationalError as exc:
-        err = ctx.err()
-        if err is not None and _interrupted(exc):
-            raise err.with_traceback(None) from exc
+        _raise_ctx_error_if_interrupted(ctx, exc)
         raise
     finally:
         guard.close()
@@ -63,9 +61,14 @@ async def aiosqlite_interruptible(db: Any, ctx: Context | None = None) -> AsyncI
         async with ctx.scope():
             yield db
     except sqlite3.OperationalError as exc:
-        err = ctx.err()
-        if err is not None and _interrupted(exc):
-            raise err.with_traceback(None) from exc
+        _raise_ctx_error_if_interrupted(ctx, exc)
         raise
     finally:
         await guard.aclose()
+
+
+def _raise_ctx_error_if_interrupted(ctx: Context, exc: sqlite3.OperationalError) -> None:
+    """Raise ``ctx.err()`` (from ``exc``) if ``exc`` is the interrupt ``ctx`` caused."""
+    err = ctx.err()
+    if err is not None and _interrupted(exc):
+        raise err.with_traceback(None) from exc
