@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import (
     OUT,
     ROOT,
+    SERVERS,
     ensure_venv,
     has_uvloop,
     percentile,
@@ -66,7 +67,6 @@ from bench_overhead import (
     versions,
 )
 
-SERVERS = ["uvicorn-httptools", "uvicorn-h11", "hypercorn"]
 TIMEOUT = 0.2
 
 

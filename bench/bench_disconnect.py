@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import (
     OUT,
     ROOT,
+    SERVERS,
     ensure_venv,
     has_uvloop,
     percentile,
@@ -55,9 +56,6 @@ from bench_overhead import (
     server_process,
     versions,
 )
-
-SERVERS = ["uvicorn-httptools", "uvicorn-h11", "hypercorn"]
-
 
 # -- server side --------------------------------------------------------------------
 

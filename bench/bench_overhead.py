@@ -207,6 +207,9 @@ def versions() -> dict[str, str]:
 
 # -- servers ----------------------------------------------------------------
 
+# The servers the latency benchmarks run on (run_server() kinds).
+SERVERS = ["uvicorn-httptools", "uvicorn-h11", "hypercorn"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -1184,6 +1187,8 @@ def main() -> None:
     if args.instructions:
         if shutil.which("valgrind") is None:
             raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+        if args.requests < 800:
+            raise SystemExit("--requests must be at least 800 (8 connections x 100)")
         in_variants = [v for v in args.variants if v in VARIANTS and v not in status["skipped"]]
         if "a" not in in_variants:
             in_variants.insert(0, "a")
