@@ -1306,3 +1306,47 @@ def test_request_without_client_address_and_bad_socket_data(h11: RunningServer) 
             sock.recv(65536)
     with httpx.Client(base_url=h11.url, timeout=10) as c:
         assert c.get("/m/info").status_code == 200
+
+
+# -- bad configuration: a clear error at construction, not at the first request --
+
+
+async def _noop_app(scope: Any, receive: Any, send: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"timeout": 0}, "timeout must be a positive number"),
+        ({"timeout": -1}, "timeout must be a positive number"),
+        ({"timeout": float("nan")}, "timeout must be a positive number"),
+        ({"timeout": float("inf")}, "timeout must be a positive number"),
+        ({"trusted_proxies": ["10.0.0.0/33"]}, "10.0.0.0/33"),
+        ({"trusted_proxies": ["not-an-ip"]}, "not-an-ip"),
+        ({"forwarded_header": "x-real-ip"}, "forwarded_header must be"),
+        ({"request_id_header": ""}, "request_id_header must not be empty"),
+        ({"timeout_status": 42}, "timeout_status must be an HTTP status code"),
+        ({"timeout_status": 600}, "timeout_status must be an HTTP status code"),
+        ({"disconnect_grace": 0.5}, "disconnect_grace must be between"),
+        ({"disconnect_grace": -0.001}, "disconnect_grace must be between"),
+    ],
+)
+def test_bad_options_are_rejected_with_a_clear_error(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ContextMiddleware(_noop_app, **options)
+
+
+def test_good_options_are_kept() -> None:
+    mw = ContextMiddleware(
+        _noop_app,
+        timeout=2,
+        trusted_proxies=["10.0.0.0/8", "::1"],
+        forwarded_header="Forwarded",
+        request_id_header="X-Correlation-ID",
+        timeout_status=503,
+        disconnect_grace=0,
+    )
+    assert mw.timeout == 2.0
+    assert [str(n) for n in mw.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    assert mw._rid_name == b"x-correlation-id" and mw._fwd_rfc7239
