@@ -1,8 +1,14 @@
 # Two commands on a fresh machine:
-#   make run   - start the demo app (creates .venv)
-#   make test  - lint, type-check and run the test suite on every Python 3.11+ found
+#   make run   - start the demo app (creates .venv-run: runtime dependencies only)
+#   make test  - lint, type-check, check the import contracts and run the test
+#                suite on every Python 3.11+ found (creates .venv and .venv-3.x)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV   := .venv
+# Development and test tools: ruff, mypy, import-linter, pytest, servers, drivers.
+VENV     := .venv
+# What example_app imports: Starlette, uvicorn, httpx (/fanout), asyncpg
+# (DATABASE_URL) and anyio (SQLite in a worker thread; the DB helpers).
+RUN_VENV := .venv-run
+RUN_DEPS := '.[starlette,asyncpg,httpx,sqlite]' 'uvicorn>=0.30'
 
 .PHONY: run test lint bench clean
 
@@ -12,12 +18,19 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-run: $(VENV)/.installed
-	$(VENV)/bin/python -m example_app
+$(RUN_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/pip install -q --upgrade pip
+	$(RUN_VENV)/bin/pip install -q -e $(RUN_DEPS)
+	touch $@
+
+run: $(RUN_VENV)/.installed
+	$(RUN_VENV)/bin/python -m example_app
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ctxmiddleware tests bench example_app
 	$(VENV)/bin/mypy --strict ctxmiddleware
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 test: $(VENV)/.installed
 	./scripts/test-all-pythons

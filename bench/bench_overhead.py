@@ -19,7 +19,12 @@ Method (the machine is shared and noisy):
   middleware; (g) an empty pure-ASGI middleware (the floor for any
   middleware); (h) the least a context per request takes, by hand with the
   public API (see ``MinimalContextMiddleware``). Middlewares are added with
-  ``app.add_middleware``.
+  ``app.add_middleware``. ``--instructions`` only: (i)-(l) a realistic FastAPI
+  endpoint (``response_model`` of four fields, one ``Depends(settings)``),
+  with a sync (i, j) or an async (k, l) dependency, bare (i, k) or with
+  ``ContextMiddleware`` defaults (j, l); (j) and (l) are compared with their
+  own bare app, (i) and (k). Every request carries four typical headers
+  (``REQUEST_HEADERS``).
 * One uvicorn process per variant (httptools, uvloop if installed, one worker,
   ``--no-access-log --log-level warning --no-proxy-headers``), all pinned to
   CPU 0 with ``taskset`` and started up front (idle ones cost nothing); each is
@@ -39,14 +44,19 @@ Method (the machine is shared and noisy):
 * ``--inprocess``: the per-request CPU time of the same apps called in-process
   (no server, no sockets), see ``inprocess()``; ``--ablate``: what each piece
   of ContextMiddleware costs, see ``ablate()``; ``--instructions``: the server
-  instructions per request counted by valgrind, a ratio immune to the noise
-  (see ``instructions()``); ``--chart-only`` redraws the chart from
-  ``bench/out/*.json``.
+  instructions per request counted by valgrind at 1 and 8 keep-alive
+  connections (``--conns``, ``--requests``), a ratio immune to the noise (see
+  ``instructions()``; ``bench/bench_grace_probe.py`` splits ContextMiddleware's
+  share); ``--chart-only`` redraws the chart from ``bench/out/*.json``.
+  ``--here`` runs with the current Python instead of ``bench/.venv-peers``
+  (variants whose package it lacks are skipped), e.g.
+  ``.venv/bin/python bench/bench_overhead.py --here --instructions --variants abfghijkl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import hashlib
@@ -75,7 +85,7 @@ OUT = BENCH / "out"
 
 # Core packages every benchmark server needs, then the peers, each installed on
 # its own so that one that cannot be installed is skipped with its reason.
-CORE_PACKAGES = ["starlette", "uvicorn[standard]", "hypercorn", "httpx", "matplotlib"]
+CORE_PACKAGES = ["starlette", "fastapi", "uvicorn[standard]", "hypercorn", "httpx", "matplotlib"]
 PEER_PACKAGES = {
     "c": "starlette-context",
     "d": "asgi-correlation-id",
@@ -99,7 +109,18 @@ VARIANTS = {
     "f": "naive asyncio.timeout(30) middleware",
     "g": "empty pure-ASGI middleware (floor: await app)",
     "h": "minimal context by hand (id + root ctx + bind + cancel; no disconnect/deadline)",
+    "i": "FastAPI response_model + sync Depends(settings), bare",
+    "j": "FastAPI response_model + sync Depends(settings) + ContextMiddleware (defaults)",
+    "k": "FastAPI response_model + async Depends(settings), bare",
+    "l": "FastAPI response_model + async Depends(settings) + ContextMiddleware (defaults)",
 }
+# What each variant's ratio is computed against: its own bare app.
+BASELINE = {v: "a" for v in "abcdefgh"} | {"i": "i", "j": "i", "k": "k", "l": "k"}
+# The variants the wrk and in-process modes know (the FastAPI ones are --instructions only).
+STARLETTE_VARIANTS = "abcdefgh"
+# A variant's import, to tell what the running Python can serve (--here).
+NEEDS = {"c": "starlette_context", "d": "asgi_correlation_id", "e": "fastapi_disconnect",
+         "i": "fastapi", "j": "fastapi", "k": "fastapi", "l": "fastapi"}
 
 
 # -- the peers venv ------------------------------------------------------------
@@ -135,8 +156,22 @@ def _build_venv(python: str, path: Path) -> dict[str, Any]:
     return {"python": python, "skipped": skipped}
 
 
+def status_here() -> dict[str, Any]:
+    """--here: this Python as it is; a variant whose package it lacks is skipped."""
+    import importlib.util
+
+    skipped = {
+        v: f"{module} is not installed in {sys.executable}"
+        for v, module in NEEDS.items()
+        if importlib.util.find_spec(module) is None
+    }
+    return {"python": sys.executable, "skipped": skipped}
+
+
 def ensure_venv() -> dict[str, Any]:
     """Make sure bench/.venv-peers exists; re-exec this script under its Python."""
+    if "--here" in sys.argv:
+        return status_here()
     status_file = VENV / "peers-status.json"
     if not status_file.exists():
         print(f"creating {VENV} (once) ...", file=sys.stderr, flush=True)
@@ -177,7 +212,8 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for name in (
-        "starlette", "uvicorn", "httptools", "uvloop", "h11", "hypercorn", "anyio",
+        "starlette", "fastapi", "pydantic", "uvicorn", "httptools", "uvloop", "h11",
+        "hypercorn", "anyio",
         "starlette-context", "asgi-correlation-id", "fastapi-disconnect", "matplotlib",
     ):
         with contextlib.suppress(PackageNotFoundError):
@@ -260,8 +296,6 @@ def run_server(app: Any, kind: str, port: int) -> None:
     if kind.startswith("uvicorn-"):
         run_uvicorn(app, port, http=kind.removeprefix("uvicorn-"))
         return
-    import asyncio
-
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
@@ -314,11 +348,11 @@ def server_process(
             log.extend(err.read().decode(errors="replace").splitlines())
 
 
-def stop_server(proc: subprocess.Popen[Any]) -> None:
+def stop_server(proc: subprocess.Popen[Any], wait: float = 5) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(5)
+            proc.wait(wait)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -355,8 +389,9 @@ class MinimalContextMiddleware:
     a lower bound for what ContextMiddleware does, not an alternative to it."""
 
     def __init__(self, app: Any) -> None:
-        import ctxmiddleware
         from ctxmiddleware._web._values import new_request_id
+
+        import ctxmiddleware
 
         self.app = app
         self.api = ctxmiddleware
@@ -378,7 +413,9 @@ class MinimalContextMiddleware:
 
 
 class NaiveTimeoutMiddleware:
-    """The obvious pure-ASGI deadline: ``async with asyncio.timeout(30)``."""
+    """The obvious pure-ASGI deadline: ``async with asyncio.timeout(30)``.
+
+    (asyncio is imported at module level: no per-request import.)"""
 
     def __init__(self, app: Any, timeout: float = 30.0) -> None:
         self.app = app
@@ -388,13 +425,52 @@ class NaiveTimeoutMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        import asyncio
-
         async with asyncio.timeout(self.timeout):
             await self.app(scope, receive, send)
 
 
+def build_fastapi_app(sync_dependency: bool, with_middleware: bool) -> Any:
+    """A realistic FastAPI endpoint: a ``response_model`` of four fields and one
+    dependency, ``Depends(settings)``, a plain ``def`` (run in the thread pool)
+    or an ``async def``; with ``ContextMiddleware`` (defaults) or bare."""
+    from fastapi import Depends, FastAPI
+    from pydantic import BaseModel
+
+    class Settings(BaseModel):
+        region: str = "eu-west-1"
+        currency: str = "EUR"
+
+    class Item(BaseModel):
+        id: int
+        name: str
+        price: float
+        in_stock: bool
+
+    the_settings = Settings()
+
+    if sync_dependency:
+        def settings() -> Settings:
+            return the_settings
+    else:
+        async def settings() -> Settings:  # type: ignore[misc]
+            return the_settings
+
+    app = FastAPI()
+
+    @app.get("/", response_model=Item)
+    async def item(s: Settings = Depends(settings)) -> dict[str, Any]:  # noqa: B008
+        return {"id": 42, "name": f"widget {s.region}", "price": 9.5, "in_stock": True}
+
+    if with_middleware:
+        from ctxmiddleware import ContextMiddleware
+
+        app.add_middleware(ContextMiddleware)
+    return app
+
+
 def build_app(variant: str) -> Any:
+    if variant in "ijkl":
+        return build_fastapi_app(sync_dependency=variant in "ij", with_middleware=variant in "jl")
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
@@ -697,11 +773,24 @@ def verdict(rows: list[Row]) -> str:
 # thread's CPU time (time.thread_time_ns), which does not advance while other
 # processes hold the CPU, so it is far less noisy than req/s.
 
+# The request every benchmark sends: four typical headers (what curl or a
+# browser-ish client sends, short), one constant for the socket load of
+# --instructions (_REQ) and the in-process scope (_INPROC_SCOPE).
+REQUEST_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"host", b"127.0.0.1:8000"),
+    (b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"),
+    (b"accept", b"application/json, text/plain, */*"),
+    (b"accept-encoding", b"gzip, deflate, br"),
+]
+_REQ = b"GET / HTTP/1.1\r\n" + b"".join(
+    name.title() + b": " + value + b"\r\n" for name, value in REQUEST_HEADERS
+) + b"\r\n"
+
 _INPROC_SCOPE: dict[str, Any] = {
     "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn
     "http_version": "1.1", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
     "scheme": "http", "method": "GET", "root_path": "", "path": "/", "raw_path": b"/",
-    "query_string": b"", "headers": [(b"host", b"127.0.0.1:8000")],
+    "query_string": b"", "headers": REQUEST_HEADERS,
 }
 _REQUEST_MSG = {"type": "http.request", "body": b"", "more_body": False}
 _DISCONNECT_MSG = {"type": "http.disconnect"}
@@ -746,8 +835,6 @@ async def _inproc_one(app: Any, loop: Any) -> None:
 
 
 async def _inproc_batch(app: Any, n: int, concurrency: int = 32) -> float:
-    import asyncio
-
     loop = asyncio.get_running_loop()
     t0 = time.thread_time_ns()
     for _ in range(n // concurrency):
@@ -759,8 +846,6 @@ async def _inproc_batch(app: Any, n: int, concurrency: int = 32) -> float:
 
 
 def inprocess(variants: list[str], rounds: int, n: int) -> list[dict[str, Any]]:
-    import asyncio
-
     async def run() -> dict[str, list[float]]:
         apps = {v: build_app(v) for v in variants}
         for v in variants:
@@ -817,11 +902,10 @@ _BODY = {"type": "http.response.body", "body": b"ok"}
 
 
 def ablate(reps: int = 200, n: int = 2000) -> list[tuple[str, float | None]]:
-    import asyncio
-
     sys.path.insert(0, str(ROOT))
-    from ctxmiddleware import ContextMiddleware
     from ctxmiddleware._web import _asgi as web
+
+    from ctxmiddleware import ContextMiddleware
 
     async def receive() -> dict[str, Any]:
         return _REQUEST_MSG
@@ -951,90 +1035,159 @@ def render_ablation(rows: list[tuple[str, float | None]], markdown: bool) -> str
 # -- instructions: a noise-free ratio ----------------------------------------------
 # The same servers, run under valgrind (cachegrind, no cache simulation), which
 # counts every instruction the server process executes. Each variant is served
-# twice: with a warm-up only, and with the warm-up plus N requests (8 keep-alive
-# connections); the difference / N is what one request costs, server side
-# (Python, uvloop, httptools, the kernel interface), whatever the neighbours do.
+# once with a warm-up only, then once per connection count with the warm-up
+# plus N requests (_REQ, over C keep-alive connections, each one request at a
+# time); the difference / N is what one request costs, server side (Python,
+# uvloop, httptools, the kernel interface), whatever the neighbours do.
 # Instructions are not time (cache misses and syscalls cost more than their
 # count), but they do not drift: the req/s table above moves by +-0.2 here.
+# Under valgrind the server runs ~50x slower in wall-clock time: anything
+# driven by a timer (ContextMiddleware's 1 ms disconnect grace) fires far more
+# often per request than it would natively; see bench/bench_grace_probe.py.
 
-_REQ = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+MIN_REQUESTS_PER_CONNECTION = 100
 
 
-def _fixed_load(port: int, total: int, connections: int = 8) -> None:
+def _read_response(sock: socket.socket, buf: bytes) -> bytes:
+    """Read one HTTP/1.1 response (Content-Length framed); return what follows it."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    status = head[9:12]
+    if status != b"200":
+        raise RuntimeError(f"server answered {head.splitlines()[0]!r}")
+    m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+    if m is None:
+        raise RuntimeError(f"no content-length in {head!r}")
+    length = int(m.group(1))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        rest += chunk
+    return rest[length:]
+
+
+def _fixed_load(port: int, total: int, connections: int = 8) -> int:
+    """``total // connections`` requests (_REQ) on each of ``connections``
+    keep-alive connections, one at a time per connection; returns how many."""
     import threading
 
     errors: list[BaseException] = []
+    per_connection = total // connections
 
-    def worker(count: int) -> None:
+    def worker() -> None:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-                for _ in range(count):
+            with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                buf = b""
+                for _ in range(per_connection):
                     sock.sendall(_REQ)
-                    buf = b""
-                    while not buf.endswith(b"\r\n\r\nok"):
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            raise ConnectionError("server closed the connection")
-                        buf += chunk
+                    buf = _read_response(sock, buf)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(total // connections,))
-               for _ in range(connections)]
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
         raise errors[0]
+    return per_connection * connections
 
 
-def _server_instructions(variant: str, requests: int) -> int:
+def serve_measured(
+    script: Path, serve_arg: str, requests: int, connections: int, valgrind: bool = True
+) -> tuple[int, str]:
+    """Start ``script --serve serve_arg`` (under cachegrind if ``valgrind``), warm
+    it up, send ``requests`` over ``connections``, stop it; return (instructions
+    the whole process executed, 0 without valgrind; its stderr)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONHASHSEED="0")
+    tool = (["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+            if valgrind else [])
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-             sys.executable, str(Path(__file__).resolve()), "--serve", variant,
-             "--port", str(port)],
+            [*tool, sys.executable, str(script), "--serve", serve_arg, "--port", str(port)],
             env=env, stdout=subprocess.DEVNULL, stderr=err,
         )
+        failure: BaseException | None = None
         try:
-            wait_port(port, proc, timeout=120)
+            wait_port(port, proc, timeout=300)
             _fixed_load(port, 200, connections=4)  # warm-up
             if requests:
-                _fixed_load(port, requests)
+                _fixed_load(port, requests, connections)
+        except (OSError, RuntimeError) as exc:
+            failure = exc
         finally:
-            stop_server(proc)
+            # (Under valgrind the shutdown is slow: give it time to print the count.)
+            stop_server(proc, wait=120 if valgrind else 5)
         err.seek(0)
         text = err.read().decode(errors="replace")
+    if failure is not None:
+        raise RuntimeError(
+            f"--serve {serve_arg}, {requests} requests over {connections} connection(s): "
+            f"{failure!r}; server exit {proc.returncode}, its stderr ends:\n{text[-3000:]}"
+        ) from failure
+    if not valgrind:
+        return 0, text
     m = re.search(r"I\s+refs:\s+([\d,]+)", text)
     if m is None:
         raise RuntimeError(f"no instruction count from valgrind: {text[-500:]}")
-    return int(m.group(1).replace(",", ""))
+    return int(m.group(1).replace(",", "")), text
 
 
-def instructions(variants: list[str], requests: int) -> list[dict[str, Any]]:
+def per_request_instructions(
+    serve_arg: str, requests: int, connection_counts: list[int], script: Path | None = None
+) -> dict[int, float]:
+    """{connections: server instructions per request} for one served variant."""
+    script = script or Path(__file__).resolve()
+    base, _ = serve_measured(script, serve_arg, 0, 1)
+    out = {}
+    for c in connection_counts:
+        total, _ = serve_measured(script, serve_arg, requests, c)
+        out[c] = (total - base) / (requests // c * c)
+    return out
+
+
+def instructions(
+    variants: list[str], requests: int, connection_counts: list[int]
+) -> list[dict[str, Any]]:
     rows = []
     for v in variants:
-        base = _server_instructions(v, 0)
-        loaded = _server_instructions(v, requests)
-        rows.append({"variant": v, "label": VARIANTS[v], "per_request": (loaded - base) / requests})
-        print(f"  ({v}) {rows[-1]['per_request']:,.0f} instructions/request", file=sys.stderr)
-    bare = next(r["per_request"] for r in rows if r["variant"] == "a")
+        t0 = time.monotonic()
+        per = per_request_instructions(v, requests, connection_counts)
+        rows.append({"variant": v, "label": VARIANTS[v], "baseline": BASELINE[v], "per": per})
+        shown = ", ".join(f"{per[c]:,.0f} at {c} conn" for c in connection_counts)
+        print(f"  ({v}) {shown} instructions/request ({time.monotonic() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+    by = {r["variant"]: r for r in rows}
     for r in rows:
-        r["ratio"] = bare / r["per_request"]
-        r["added"] = r["per_request"] - bare
+        base = by[r["baseline"]]["per"]
+        r["ratio"] = {c: base[c] / r["per"][c] for c in connection_counts}
+        r["added"] = {c: r["per"][c] - base[c] for c in connection_counts}
     return rows
 
 
-def render_instructions(rows: list[dict[str, Any]], markdown: bool) -> str:
-    head = ["variant", "server instructions/request", "added vs (a)", "ratio (a)/variant"]
-    body = [
-        [f"({r['variant']}) {r['label']}", f"{r['per_request']:,.0f}", f"{r['added']:+,.0f}",
-         f"{r['ratio']:.3f}"]
-        for r in rows
-    ]
+def render_instructions(
+    rows: list[dict[str, Any]], connection_counts: list[int], markdown: bool
+) -> str:
+    head = ["variant", "vs"]
+    for c in connection_counts:
+        conns = f"{c} conn{'s' if c > 1 else ''}"
+        head += [f"instr/req, {conns} (added vs own bare)", f"ratio bare/variant, {conns}"]
+    body = []
+    for r in rows:
+        own = r["variant"] == r["baseline"]
+        line = [f"({r['variant']}) {r['label']}", "-" if own else f"({r['baseline']})"]
+        for c in connection_counts:
+            added = "" if own else f" ({r['added'][c]:+,.0f})"
+            line += [f"{r['per'][c]:,.0f}{added}", "1 (bare)" if own else f"{r['ratio'][c]:.3f}"]
+        body.append(line)
     return render_table(head, body, markdown)
 
 
@@ -1141,6 +1294,31 @@ def draw_chart(path: Path) -> None:
 # -- main -------------------------------------------------------------------------
 
 
+def pick_variants(
+    letters: str, status: dict[str, Any], allowed: str = "".join(VARIANTS)
+) -> list[str]:
+    """The variants asked for (in VARIANTS order), each with its baseline, less
+    those this Python cannot serve (reported)."""
+    unknown = {v for v in letters if v not in ", "} - set(allowed)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) here: {', '.join(sorted(unknown))} "
+                         f"(known: {allowed})")
+    wanted = {v for v in letters if v in allowed}
+    wanted |= {BASELINE[v] for v in wanted}
+    out = []
+    for v in allowed:
+        if v not in wanted:
+            continue
+        if v in status["skipped"]:
+            print(f"skipping ({v}): {status['skipped'][v]}", file=sys.stderr)
+            continue
+        out.append(v)
+    for v in out:
+        if BASELINE[v] not in out:
+            raise SystemExit(f"({v}) needs its bare variant ({BASELINE[v]}), which is skipped")
+    return out
+
+
 def serve_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--serve", required=True)
@@ -1159,7 +1337,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--duration", type=float, default=5.0, help="wrk -d, seconds")
     p.add_argument("--connections", type=int, default=32, help="wrk -c")
-    p.add_argument("--variants", default="abcdefgh")
+    p.add_argument("--variants", default=None,
+                   help="letters, e.g. abfg (commas ignored); default: abcdefgh, and for "
+                        "--instructions abcdefghijkl")
     p.add_argument("--gate", type=float, default=0.15,
                    help="max foreign busy fraction of a CPU during a slot")
     p.add_argument("--retries", type=int, default=0,
@@ -1175,8 +1355,13 @@ def main() -> None:
                    help="only the per-piece cost breakdown of ContextMiddleware (in-process)")
     p.add_argument("--instructions", action="store_true",
                    help="only count server instructions per request under valgrind")
-    p.add_argument("--requests", type=int, default=8000,
-                   help="requests per variant for --instructions")
+    p.add_argument("--requests", type=int, default=4000,
+                   help="requests per variant and connection count for --instructions")
+    p.add_argument("--conns", default="1,8",
+                   help="--instructions: keep-alive connection counts, a column each")
+    p.add_argument("--here", action="store_true",
+                   help="run with this Python as it is (no bench/.venv-peers); variants "
+                        "whose package is missing are skipped")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
 
@@ -1187,20 +1372,35 @@ def main() -> None:
     if args.instructions:
         if shutil.which("valgrind") is None:
             raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
-        if args.requests < 800:
-            raise SystemExit("--requests must be at least 800 (8 connections x 100)")
-        in_variants = [v for v in args.variants if v in VARIANTS and v not in status["skipped"]]
-        if "a" not in in_variants:
-            in_variants.insert(0, "a")
+        try:
+            conns = sorted({int(c) for c in args.conns.split(",") if c.strip()})
+        except ValueError:
+            raise SystemExit(
+                f"--conns: comma-separated connection counts, not {args.conns!r}"
+            ) from None
+        if not conns or conns[0] < 1:
+            raise SystemExit("--conns: at least one count, each at least 1")
+        least = max(800, MIN_REQUESTS_PER_CONNECTION * conns[-1])
+        if args.requests < least:
+            raise SystemExit(
+                f"--requests must be at least {least:,} (at least 800, and "
+                f"{MIN_REQUESTS_PER_CONNECTION} per connection at {conns[-1]} connections)"
+            )
+        in_variants = pick_variants(args.variants or "abcdefghijkl", status)
         t0 = time.monotonic()
-        ins_rows = instructions(in_variants, args.requests)
+        ins_rows = instructions(in_variants, args.requests, conns)
         date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        shown = " and ".join(str(c) for c in conns)
         if args.markdown:
             print("### Server instructions per request (valgrind, noise-free)\n")
             print(f"`python bench/bench_overhead.py {' '.join(sys.argv[1:])}`, {date}, "
-                  f"{args.requests:,} requests over 8 keep-alive connections per variant, "
+                  f"{args.requests:,} requests per variant over {shown} keep-alive "
+                  f"connection(s), one request at a time per connection, "
                   f"{time.monotonic() - t0:.0f} s.\n")
-        print(render_instructions(ins_rows, args.markdown))
+        print(render_instructions(ins_rows, conns, args.markdown))
+        print("\nratio = instructions/request of the variant's own bare app (column vs: (a) "
+              "bare Starlette for (a)-(h), (i) or (k) bare FastAPI for (j) and (l)) / the "
+              "variant's; added = the difference.")
         return
     if args.ablate:
         t0 = time.monotonic()
@@ -1213,9 +1413,8 @@ def main() -> None:
         print(render_ablation(ab_rows, args.markdown))
         return
     if args.inprocess:
-        in_variants = [v for v in args.variants if v in VARIANTS and v not in status["skipped"]]
-        if "a" not in in_variants:
-            in_variants.insert(0, "a")
+        in_variants = pick_variants(args.variants or STARLETTE_VARIANTS, status,
+                                    STARLETTE_VARIANTS)
         t0 = time.monotonic()
         in_rows = inprocess(in_variants, rounds=15, n=3200)
         date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -1230,7 +1429,7 @@ def main() -> None:
         return
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         raise SystemExit("needs wrk and taskset")
-    variants = [v for v in args.variants if v in VARIANTS]
+    variants = [v for v in (args.variants or STARLETTE_VARIANTS) if v in STARLETTE_VARIANTS]
     if "a" not in variants:
         variants.insert(0, "a")
     skipped = {v: status["skipped"][v] for v in variants if v in status["skipped"]}

@@ -6,12 +6,22 @@ code; :class:`ContextMiddleware` gives every ASGI request its own context.
 
 from typing import TYPE_CHECKING, Any
 
-from ._core._context import (
+from ._asgi import ContextMiddleware, route_timeout
+from ._core import (
+    AUTH_TOKEN,
+    CLIENT_IP,
+    REQUEST_ID,
     CancelCauseFunc,
+    Canceled,
     CancelFunc,
+    CancelScope,
+    ClientDisconnected,
     Context,
+    ContextError,
+    DeadlineExceeded,
     Done,
     Key,
+    Secret,
     after_func,
     background,
     bind,
@@ -27,11 +37,8 @@ from ._core._context import (
     with_value,
     without_cancel,
 )
-from ._core._errors import Canceled, ContextError, DeadlineExceeded
-from ._core._scope import CancelScope
 from ._integrations._logging import RequestContextFilter, add_request_context
-from ._web._asgi import ContextMiddleware, route_timeout, set_request_timeout
-from ._web._values import AUTH_TOKEN, CLIENT_IP, REQUEST_ID, ClientDisconnected, Secret
+from ._request import set_request_timeout
 
 __all__ = [
     "ContextTransport",
@@ -82,6 +89,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ._asgi._fastapi import RequestContext, RouteTimeout
     from ._integrations._httpx import (
         ContextTransport,
         SyncContextTransport,
@@ -95,13 +103,12 @@ if TYPE_CHECKING:
         sqlalchemy_session,
     )
     from ._integrations._sqlite import aiosqlite_interruptible, sqlite_interruptible
-    from ._web._fastapi import RequestContext, RouteTimeout
 
 # Optional integrations: their modules (and the drivers or frameworks they
 # need) are imported only when one of these names is first used.
 _LAZY = {
-    "RequestContext": "._web._fastapi",
-    "RouteTimeout": "._web._fastapi",
+    "RequestContext": "._asgi._fastapi",
+    "RouteTimeout": "._asgi._fastapi",
     "ContextTransport": "._integrations._httpx",
     "SyncContextTransport": "._integrations._httpx",
     "httpx_async_client": "._integrations._httpx",
@@ -124,3 +131,16 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module, __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    # dir(ctxmiddleware) lists the lazily loaded names before their first use.
+    return sorted({*globals(), *_LAZY})
+
+
+try:  # the installed distribution's version (pyproject.toml's `version`)
+    from importlib.metadata import version as _dist_version
+
+    __version__: str = _dist_version("ctxmiddleware")
+except ImportError:  # PackageNotFoundError: a source tree on sys.path, not installed
+    __version__ = "0.1.0"  # keep equal to pyproject.toml's version

@@ -44,7 +44,7 @@ from ctxmiddleware import (
     DeadlineExceeded,
     route_timeout,
 )
-from ctxmiddleware._web import _asgi
+from ctxmiddleware import _request as request_layer
 
 WAIT = 5.0  # upper bound for anything the test waits for; reached only on failure
 
@@ -896,8 +896,8 @@ async def settle() -> None:
 def assert_no_leftovers(mw: ContextMiddleware) -> None:
     others = asyncio.all_tasks() - {asyncio.current_task()}
     assert not others, others
-    ticker = mw._ticker
-    assert ticker is None or not ticker.pending
+    watchdog = mw.watchdog
+    assert watchdog is None or not watchdog.pending
 
 
 def test_outside_cancellation_propagates_in_process() -> None:
@@ -920,7 +920,7 @@ def test_outside_cancellation_propagates_in_process() -> None:
         task = asyncio.create_task(mw(http_scope(), server.receive, server.send))
         await asyncio.wait_for(entered.wait(), WAIT)
         await asyncio.sleep(0.01)  # past the grace: the watcher runs too
-        assert mw._ticker is not None and not mw._ticker.pending
+        assert mw.watchdog is not None and not mw.watchdog.pending
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -973,7 +973,7 @@ def test_no_leftover_tasks_or_threads_in_process() -> None:
         refs: list[weakref.ref[Any]] = []
 
         def remember() -> None:
-            request = _asgi._request_of(ctxmiddleware.current())
+            request = request_layer.request_of(ctxmiddleware.current())
             assert request is not None
             refs.append(weakref.ref(request))
 

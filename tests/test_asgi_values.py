@@ -1073,7 +1073,7 @@ def test_fastapi_request_context_in_a_websocket(h11: RunningServer) -> None:
 def test_request_context_without_middleware_is_an_error() -> None:
     from starlette.requests import HTTPConnection
 
-    from ctxmiddleware._web._fastapi import request_context
+    from ctxmiddleware._asgi._fastapi import request_context
 
     conn = HTTPConnection({"type": "http", "headers": [], "state": {}})
     with pytest.raises(RuntimeError, match="ContextMiddleware"):
@@ -1347,6 +1347,8 @@ def test_good_options_are_kept() -> None:
         timeout_status=503,
         disconnect_grace=0,
     )
-    assert mw.timeout == 2.0
-    assert [str(n) for n in mw.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
-    assert mw._rid_name == b"x-correlation-id" and mw._fwd_rfc7239
+    config = mw.config
+    assert config.timeout == 2.0
+    assert [str(n) for n in config.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    assert config.request_id_header == b"x-correlation-id" and config.forwarded_rfc7239
+    assert config.timeout_status == 503 and config.disconnect_grace == 0

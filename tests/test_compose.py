@@ -88,6 +88,6 @@ def test_image_builds_with_the_readme_commands() -> None:
     assert "make run" in readme and "make test" in readme
     assert 'CMD ["make", "run"]' in dockerfile
     # The install step is the Makefile's own venv target, nothing hand-rolled.
-    assert "RUN make .venv/.installed" in dockerfile
+    assert "RUN make .venv-run/.installed" in dockerfile
     assert "$(VENV)/.installed:" in makefile
     assert "pip install" not in dockerfile

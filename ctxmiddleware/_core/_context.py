@@ -30,9 +30,10 @@ import weakref
 from collections.abc import Callable, Generator, Hashable
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from ._errors import Canceled, ContextError, DeadlineExceeded
+from ._scope import CancelScope
 from ._timer import Timer, start_timer
 
 __all__ = [
@@ -278,6 +279,18 @@ class Context:
         """
         return CancelScope(self)
 
+    # -- core hooks (used by the scope module, which cannot import this one) --
+
+    def _on_done(self, fn: Callable[[], object]) -> Callable[[], object] | None:
+        """Call ``fn()`` once when this context is done (at once if it is).
+
+        Returns a function that cancels the subscription, or ``None`` when
+        ``fn`` ran already or the context can never be done."""
+        return _subscribe(self, fn, pin=False)
+
+    def _done_cause(self) -> BaseException | None:
+        return cause(self)
+
     def __str__(self) -> str:
         return type(self).__name__
 
@@ -323,12 +336,6 @@ def todo() -> Context:
     return _TODO
 
 
-# Exact types of the cancellable contexts (_CancelCtx and its subclasses) and
-# of those with a deadline of their own (_TimerCtx and its subclasses).
-_NODE_TYPES: set[type] = set()
-_TIMER_TYPES: set[type] = set()
-
-
 class _CancelCtx(Context):
     """A cancellable context (Go's cancelCtx).
 
@@ -346,16 +353,8 @@ class _CancelCtx(Context):
         "_err",
         "_link",
         "_parent",
+        "_timer",
     )
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # The module tells its node types apart by exact type (faster than
-        # isinstance on every hop); a subclass (an adapter's request root)
-        # registers itself here to be treated as one.
-        super().__init_subclass__(**kwargs)
-        _NODE_TYPES.add(cls)
-        if any(base in _TIMER_TYPES for base in cls.__mro__):
-            _TIMER_TYPES.add(cls)
 
     def __init__(self, parent: Context) -> None:
         self._parent = parent
@@ -370,6 +369,8 @@ class _CancelCtx(Context):
         # The nearest timer context above us, if we can see it (never self:
         # a self-reference would make every timer context a reference cycle).
         self._dnode: _TimerCtx | None = None
+        # The pending deadline timer (timer contexts only).
+        self._timer: Timer | None = None
 
     # -- Context ---------------------------------------------------------
 
@@ -433,14 +434,15 @@ class _CancelCtx(Context):
             self._cause = cause
             self._err = err
             link = self._link
-            if remove and type(link) in _NODE_TYPES:
+            linked_node = isinstance(link, _CancelCtx)
+            if remove and linked_node:
                 siblings = link._children  # type: ignore[union-attr]
                 if siblings is not None:
                     siblings.pop(_WeakRef(self), None)
             if (
                 self._children is None
-                and (type(self) not in _TIMER_TYPES or self._timer is None)  # type: ignore[attr-defined]
-                and (link is None or not remove or type(link) in _NODE_TYPES)
+                and self._timer is None
+                and (link is None or not remove or linked_node)
             ):
                 return  # the common case: nothing else to do
             listeners, timers = self._mark_descendants(err, cause)
@@ -448,7 +450,7 @@ class _CancelCtx(Context):
             _lock.release()
         for timer in timers:
             timer.cancel()
-        if remove and link is not None and type(link) not in _NODE_TYPES:
+        if remove and link is not None and not linked_node:
             _call_safely(link)  # type: ignore[arg-type]
         for listener in listeners:
             _call_safely(listener)
@@ -462,11 +464,10 @@ class _CancelCtx(Context):
         stack: list[_CancelCtx] = [self]
         while stack:
             node = stack.pop()
-            if type(node) in _TIMER_TYPES:
-                timer = node._timer  # type: ignore[attr-defined]
-                if timer is not None:
-                    timers.append(timer)
-                    node._timer = None  # type: ignore[attr-defined]
+            timer = node._timer
+            if timer is not None:
+                timers.append(timer)
+                node._timer = None
             children = node._children
             if not children:
                 continue
@@ -476,7 +477,7 @@ class _CancelCtx(Context):
                     entry = entry()
                     if entry is None:
                         continue
-                if type(entry) in _NODE_TYPES:
+                if isinstance(entry, _CancelCtx):
                     if entry._err is None:
                         entry._cause = cause
                         entry._err = err
@@ -512,9 +513,8 @@ class _CancelCtx(Context):
         node: _CancelCtx = self
         while True:
             link = node._link
-            if type(link) not in _NODE_TYPES:
+            if not isinstance(link, _CancelCtx):
                 return
-            assert isinstance(link, _CancelCtx)
             siblings = link._children
             if siblings is None:
                 return
@@ -528,7 +528,7 @@ class _CancelCtx(Context):
 class _TimerCtx(_CancelCtx):
     """A cancellable context with its own deadline (Go's timerCtx)."""
 
-    __slots__ = ("_deadline_cause", "_timer", "_when")
+    __slots__ = ("_deadline_cause", "_when")
 
     def __init__(
         self, parent: Context, when: float, deadline_cause: BaseException | None
@@ -554,36 +554,7 @@ class _TimerCtx(_CancelCtx):
             return
         self._cancel(True, DeadlineExceeded(), self._deadline_cause)
 
-    # -- request roots (the web adapters subclass this class) ---------------
-    # A request's root context is built before routing, but a route may set
-    # its own timeout, so its deadline can be moved until the app starts
-    # deriving work from it. _when == inf means "no deadline".
-
-    def _arm(self) -> None:
-        """Start the timer (roots are built without one: most requests end first)."""
-        with _lock:
-            if self._err is not None or self._timer is not None or self._when == math.inf:
-                return
-            if self._when > _monotonic():
-                self._timer = start_timer(self._when, self._expire)
-                return
-        self._expire()
-
-    def _move_deadline(self, when: float) -> None:
-        """Replace the deadline; re-arm the timer if one was running."""
-        with _lock:
-            if self._err is not None:
-                return
-            old = self._timer
-            self._timer = None
-            self._when = when
-        if old is not None:
-            old.cancel()
-            self._arm()
-
     def deadline(self) -> float | None:
-        if self._when == math.inf:  # a request root without a deadline
-            return self._parent.deadline()
         return self._when
 
     def err(self) -> ContextError | None:
@@ -601,14 +572,157 @@ class _TimerCtx(_CancelCtx):
         return e
 
     def __str__(self) -> str:
-        if self._when == math.inf:
-            return f"{self._parent}.with_cancel"
         left = self._when - _monotonic()
         return f"{self._parent}.with_deadline({self._when:.6f} [{left:.6f}s])"
 
 
-_NODE_TYPES.add(_CancelCtx)
-_TIMER_TYPES.add(_TimerCtx)
+class ValueSource(Protocol):
+    """What a :class:`RootContext` asks first for a value: ``get(key, default)``,
+    like a mapping (a ``dict`` is one). It may compute a value on first use."""
+
+    def get(self, key: Any, default: Any, /) -> Any: ...
+
+
+_MISSING: Any = object()
+_INF = math.inf
+
+
+class RootContext(_TimerCtx):
+    """The root of one unit of work an adapter serves: a request, a job.
+
+    Core-internal API for the adapters (not part of the public package API).
+    It is a timer context whose deadline the adapter may still set after
+    creating it, whose timer starts only when the adapter arms it, and which
+    answers some values from a :class:`ValueSource` before its parent:
+
+    * ``RootContext(parent, source, deadline)``: linked to ``parent`` if the
+      parent can be cancelled; ``deadline`` (``None``: none of its own) is not
+      armed yet.
+    * :meth:`set_deadline`: replace the deadline (``None``: none of its own).
+      Until :meth:`arm` runs, the deadline is enforced lazily: ``err()`` and
+      ``check()`` compare it with the clock, which costs nothing for work
+      that ends early (most requests).
+    * :meth:`arm`: start the timer, so that waiters (``done()``, scopes) are
+      woken at the deadline.
+    * :meth:`cancel`: cancel with :class:`Canceled` and a cause.
+    * :meth:`end`: the work is over (Go's ``ServeHTTP`` returning): cancel
+      with :class:`Canceled`. Cheap when nothing was derived from the root.
+
+    The deadline is never later than the parent's.
+    """
+
+    __slots__ = ("source",)
+
+    def __init__(
+        self, parent: Context, source: ValueSource | None = None, deadline: float | None = None
+    ) -> None:
+        # _TimerCtx.__init__ written out: one per request, on the hot path
+        # (bench/RESULTS.md, "core root init").
+        self._parent = parent
+        self._link = None
+        self._err = None
+        self._cause = None
+        self._children = None
+        self._done = None
+        self._dnode = None
+        self._timer = None
+        self._when = _INF if deadline is None else deadline
+        self._deadline_cause = None
+        #: What answers values first (the adapter's request object, say).
+        self.source = source
+        if type(parent) is not _EmptyCtx:
+            _propagate(parent, self)
+
+    def set_deadline(self, when: float | None) -> None:
+        """Make ``when`` (a ``time.monotonic()`` instant) the deadline; re-arm
+        the timer if it was armed. Does nothing once the root is done."""
+        _lock.acquire()  # (not `with`: see _lock)
+        try:
+            if self._err is not None:
+                return
+            old = self._timer
+            self._timer = None
+            # math.inf: no deadline of its own (err()'s clock test never fires).
+            self._when = _INF if when is None else when
+        finally:
+            _lock.release()
+        if old is not None:
+            old.cancel()
+            self.arm()
+
+    def arm(self) -> None:
+        """Start the deadline timer (idempotent); expire now if it has passed."""
+        _lock.acquire()  # (not `with`: see _lock)
+        try:
+            if self._err is not None or self._timer is not None or self._when == _INF:
+                return
+            if self._when > _monotonic():
+                self._timer = start_timer(self._when, self._expire)
+                return
+        finally:
+            _lock.release()
+        self._expire()
+
+    def cancel(self, cause: BaseException | None = None) -> None:
+        """Cancel with :class:`Canceled`; ``cause(ctx)`` reports ``cause``."""
+        self._cancel(True, Canceled(), cause)
+
+    def end(self) -> None:
+        """The unit of work is over: cancel with :class:`Canceled` (no cause)."""
+        if self._children is None and self._timer is None and self._link is None:
+            # Nothing derived, no timer, nothing to unlink from (most
+            # requests): mark it done, no more (bench/RESULTS.md, "root end").
+            err = Canceled()
+            _lock.acquire()  # (not `with`: see _lock)
+            try:
+                if self._err is None and self._children is None and self._timer is None:
+                    self._cause = err  # (cause before err: cause() reads them unlocked)
+                    self._err = err
+                    return
+            finally:
+                _lock.release()
+        self._cancel(True, Canceled(), None)
+
+    def deadline(self) -> float | None:
+        when = self._when
+        dnode = self._dnode
+        inherited = dnode.deadline() if dnode is not None else self._parent.deadline()
+        if inherited is not None and inherited < when:
+            return inherited
+        return None if when == _INF else when
+
+    def value(self, key: Any) -> Any:
+        if key is _CANCEL_NODE:
+            return self
+        source = self.source
+        if source is not None:
+            v = source.get(key, _MISSING)
+            if v is not _MISSING:
+                return v
+        return _lookup(self._parent, key)
+
+    def __str__(self) -> str:
+        # The source's keys are shown, never their values (they may be secrets).
+        names = getattr(self.source, "key_names", None)
+        values = "".join(f".with_value({n})" for n in names()) if callable(names) else ""
+        if self._when == _INF:
+            return f"{self._parent}{values}.with_cancel"
+        left = self._when - _monotonic()
+        return f"{self._parent}{values}.with_deadline({self._when:.6f} [{left:.6f}s])"
+
+
+def root_of(ctx: Context) -> RootContext | None:
+    """The :class:`RootContext` ``ctx`` is, or derives from through cancellable
+    links (with_cancel, with_timeout, with_value; not through without_cancel)."""
+    node = ctx.value(_CANCEL_NODE)
+    while isinstance(node, _CancelCtx):
+        if isinstance(node, RootContext):
+            return node
+        link = node._link
+        node = link if isinstance(link, _CancelCtx) else None
+    return None
+
+
 
 
 class _ValueCtx(Context):
@@ -722,10 +836,10 @@ def _propagate(parent: Context, child: _CancelCtx) -> None:
     t = type(parent)
     if t is _ValueCtx:
         src = parent._src  # type: ignore[attr-defined]
-        node = src if type(src) in _NODE_TYPES else None
+        node = src if isinstance(src, _CancelCtx) else None
         if node is None and type(src) in (_EmptyCtx, _WithoutCancelCtx):
             return
-    elif t in _NODE_TYPES:
+    elif isinstance(parent, _CancelCtx):
         node = parent
     elif t is _EmptyCtx or t is _WithoutCancelCtx:
         return
@@ -752,7 +866,7 @@ def _propagate(parent: Context, child: _CancelCtx) -> None:
             child._err = node._err
             return
         child._link = node
-        child._dnode = node if type(node) in _TIMER_TYPES else node._dnode  # type: ignore[assignment]
+        child._dnode = node if isinstance(node, _TimerCtx) else node._dnode
         children = node._children
         if children is None:
             children = node._children = {}
@@ -904,7 +1018,7 @@ def cause(ctx: Context) -> BaseException | None:
     """Why ``ctx`` is done: the cause passed to its cancel function (or to
     ``with_*_cause``), else ``ctx.err()``. ``None`` while it is not done."""
     node = ctx.value(_CANCEL_NODE)
-    if node is not None and type(node) in _NODE_TYPES:
+    if isinstance(node, _CancelCtx):
         c = node._cause
         if c is not None:
             return c
@@ -978,19 +1092,18 @@ def _subscribe(
     Returns a function that undoes the subscription, or None when ``fn`` ran
     already or ``ctx`` can never be done.
     """
-    t = type(ctx)
     owner: _CancelCtx | None
-    if t in _NODE_TYPES:
-        owner = ctx  # type: ignore[assignment]
-    elif t is _ValueCtx and type(ctx._src) in _NODE_TYPES:  # type: ignore[attr-defined]
-        owner = ctx._src  # type: ignore[attr-defined]
+    if isinstance(ctx, _CancelCtx):
+        owner = ctx
+    elif isinstance(ctx, _ValueCtx) and isinstance(ctx._src, _CancelCtx):
+        owner = ctx._src
     else:
         # (Not for our own types above: a Done points back at its context, a
         # cycle only the cyclic GC frees, so it is made only when asked for.)
         owner = ctx.done()._owner
     if owner is None:
         return None
-    if t not in _NODE_TYPES and t is not _ValueCtx:
+    if not isinstance(ctx, (_CancelCtx, _ValueCtx)):
         register = getattr(ctx, "after_func", None)
         if callable(register) and ctx.value(_CANCEL_NODE) is not owner:
             stop: Callable[[], object] = register(fn)
@@ -1019,6 +1132,9 @@ def _subscribe(
 # -- the context bound to the running task or thread -------------------------
 
 _current: ContextVar[Context] = ContextVar("ctxmiddleware.current", default=_BACKGROUND)
+# The same variable, for the adapters, which bind a request's root for the
+# length of the request (cheaper than a bind() object on the hot path).
+CURRENT_CONTEXT = _current
 
 
 def current() -> Context:
@@ -1056,6 +1172,3 @@ class bind:
 
 # value() of a value context is the lookup itself: one call less per lookup.
 _ValueCtx.value = _lookup  # type: ignore[method-assign, assignment]
-
-# At the end: _scope imports from this module.
-from ._scope import CancelScope  # noqa: E402

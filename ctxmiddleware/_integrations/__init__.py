@@ -1,1 +1,1 @@
-"""Integrations (logging, httpx, databases): they build on the core and the web adapters."""
+"""Integrations (logging, httpx, databases): they build on the core only (``.._core``)."""

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from .._core._context import Context, after_func
+from .._core import Context, after_func
 
 __all__ = [
     "OutOfBandCancel",

@@ -30,9 +30,15 @@ from typing import Any
 
 import httpx
 
-from .._core._context import Context, after_func, current
-from .._core._errors import DeadlineExceeded
-from .._web._values import REQUEST_ID
+from .._core import (
+    REQUEST_ID,
+    Context,
+    DeadlineExceeded,
+    after_func,
+    current,
+    parse_budget_ms,
+    raise_if_done,
+)
 
 __all__ = [
     "ContextTransport",
@@ -42,18 +48,6 @@ __all__ = [
 ]
 
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
-
-
-def _parse_ms(raw: str | bytes | None) -> int | None:
-    """A budget in whole ms as ContextMiddleware reads it (1 to 10 digits), else None."""
-    if raw is None:
-        return None
-    if isinstance(raw, str):
-        raw = raw.encode("latin-1", "replace")
-    raw = raw.strip()
-    if 0 < len(raw) <= 10 and raw.isdigit():
-        return int(raw)
-    return None
 
 
 # httpcore calls the "trace" extension at each step of a request, with the
@@ -90,7 +84,7 @@ class _Propagation:
         if remaining is not None:
             budget_ms = self.budget_ms(remaining)
             # A shorter budget set by the caller stands; never a longer one.
-            explicit = _parse_ms(request.headers.get(self.timeout_header))
+            explicit = parse_budget_ms(request.headers.get(self.timeout_header))
             if explicit is not None and explicit < budget_ms:
                 budget_ms = explicit
             request.headers[self.timeout_header] = str(budget_ms)
@@ -117,7 +111,7 @@ class _Propagation:
         name = self.timeout_name
         for i, (key, value) in enumerate(headers):
             if key.lower() == name:
-                sent = _parse_ms(value)
+                sent = parse_budget_ms(value)
                 if sent is None or budget_ms < sent:
                     headers[i] = (key, str(budget_ms).encode("ascii"))
 
@@ -210,6 +204,9 @@ class _AsyncContextStream(httpx.AsyncByteStream):
 
 
 # -- sync --------------------------------------------------------------------
+
+# What a request shut down by the context raises (a closed socket, a reset connection).
+_ABORTED = (httpx.TransportError, OSError)
 
 _active_socket: contextvars.ContextVar[_InFlight | None] = contextvars.ContextVar(
     "ctxmiddleware.httpx_in_flight", default=None
@@ -333,10 +330,8 @@ class SyncContextTransport(httpx.BaseTransport):
             # the pool may hand it to another request.
             stop()
             in_flight.finish()
-            if isinstance(exc, httpx.TransportError | OSError):
-                err = ctx.err()
-                if err is not None:
-                    raise err from exc
+            if isinstance(exc, _ABORTED):
+                raise_if_done(ctx, exc)
             raise
         finally:
             _active_socket.reset(token)
@@ -368,10 +363,8 @@ class _SyncContextStream(httpx.SyncByteStream):
             for chunk in self._stream:
                 self._ctx.check()
                 yield chunk
-        except (httpx.TransportError, OSError) as exc:
-            err = self._ctx.err()
-            if err is not None:
-                raise err from exc
+        except _ABORTED as exc:
+            raise_if_done(self._ctx, exc)
             raise
 
     def close(self) -> None:

@@ -6,8 +6,7 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any
 
-from .._core._context import current
-from .._web._values import CLIENT_IP, REQUEST_ID
+from .._core import CLIENT_IP, REQUEST_ID, current
 
 __all__ = ["RequestContextFilter", "add_request_context"]
 

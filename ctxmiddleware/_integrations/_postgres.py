@@ -26,10 +26,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
-from .._core._context import Context, current
+from .._core import Context, async_errors_as_ctx_err, current, raise_if_done
 from ._guard import OutOfBandCancel, finish_uninterrupted, statement_timeout_ms
 
 __all__ = [
@@ -78,22 +78,6 @@ def _driver_cancel(driver_conn: Any) -> Callable[[], object]:
     raise TypeError(f"unsupported PostgreSQL connection: {type(driver_conn).__name__}")
 
 
-@contextlib.asynccontextmanager
-async def _errors_as(ctx: Context) -> AsyncIterator[None]:
-    """Report a driver error caused by the context being done as ``ctx.err()``.
-
-    (``statement_timeout`` firing on the server, a connection closed by a
-    cancelled driver...) The driver's error stays attached as ``__cause__``.
-    """
-    try:
-        yield
-    except Exception as exc:
-        err = ctx.err()
-        if err is None or isinstance(exc, type(err)):
-            raise
-        raise err.with_traceback(None) from exc
-
-
 def _set_local(ms: int) -> str:
     return f"SET LOCAL statement_timeout = {int(ms)}"
 
@@ -119,13 +103,13 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
         conn = conn_or_pool
         if isinstance(conn_or_pool, asyncpg.Pool):
             # Waiting for the pool is part of the request's time.
-            async with _errors_as(ctx), ctx.scope():
+            async with async_errors_as_ctx_err(ctx), ctx.scope():
                 conn = await stack.enter_async_context(conn_or_pool.acquire())
         # asyncpg sends its CancelRequest from a task of its own, so even a
         # level-triggered cancellation cannot interrupt it: no side channel.
         tr = conn.transaction()
         async with (
-            _errors_as(ctx),
+            async_errors_as_ctx_err(ctx),
             finish_uninterrupted(tr, conn.terminate, _asyncpg_repair(conn, tr)),
         ):
             async with ctx.scope():
@@ -169,6 +153,9 @@ async def _rollback_until_idle(
     A cancel request that arrives late (ours, the driver's, or the server's
     own statement timeout racing with them) can hit the first ROLLBACK.
     ``unknown``: the state is not known yet (BEGIN interrupted): roll back anyway.
+
+    The one loop for every driver: a sync connection's blocking ``execute``
+    goes through :func:`_rollback_until_idle_sync`.
     """
     for _ in range(3):
         if not unknown and not in_transaction():
@@ -206,13 +193,13 @@ async def psycopg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
     async with contextlib.AsyncExitStack() as stack:
         conn = conn_or_pool
         if not hasattr(conn_or_pool, "pgconn"):
-            async with _errors_as(ctx), ctx.scope():
+            async with async_errors_as_ctx_err(ctx), ctx.scope():
                 conn = await stack.enter_async_context(conn_or_pool.connection())
         guard = OutOfBandCancel(ctx, _driver_cancel(conn))
         stack.push_async_callback(guard.aclose)
         repair = _psycopg_repair(conn) if _psycopg_idle(conn) else None
         async with (
-            _errors_as(ctx),
+            async_errors_as_ctx_err(ctx),
             finish_uninterrupted(conn.transaction(), _closer(conn), repair),
         ):
             try:
@@ -248,12 +235,13 @@ def _psycopg_idle(conn: Any) -> bool:
 
 
 def _psycopg_in_transaction(conn: Any) -> Callable[[], bool]:
+    """For a psycopg connection, sync or async: open and inside a transaction."""
     from psycopg.pq import TransactionStatus
 
+    in_transaction_states = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
     def in_transaction() -> bool:
-        return bool(
-            conn.pgconn.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR)
-        )
+        return not conn.closed and conn.pgconn.transaction_status in in_transaction_states
 
     return in_transaction
 
@@ -272,15 +260,28 @@ def _psycopg_repair(conn: Any) -> Callable[[bool], Awaitable[None] | None]:
 
 
 def _rollback_until_idle_sync(conn: Any) -> None:
-    """:func:`_rollback_until_idle` for a sync psycopg connection."""
-    in_transaction = _psycopg_in_transaction(conn)
-    for _ in range(3):
-        if conn.closed or not in_transaction():
-            return
-        with contextlib.suppress(Exception):
-            conn.execute("ROLLBACK")
-    if not conn.closed and in_transaction():
-        conn.close()
+    """:func:`_rollback_until_idle` for a sync psycopg connection, in the calling thread.
+
+    Its ``execute`` blocks and never suspends, so the coroutine runs to its end
+    in a single step, without an event loop.
+    """
+
+    async def execute(sql: str) -> None:
+        conn.execute(sql)
+
+    _run_blocking(
+        _rollback_until_idle(execute, _psycopg_in_transaction(conn), conn.close, unknown=False)
+    )
+
+
+def _run_blocking(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that awaits nothing that suspends (all its I/O blocks)."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("a blocking coroutine suspended: it needs an event loop")
 
 
 def _closer(conn: Any) -> Callable[[], None]:
@@ -340,9 +341,7 @@ def psycopg_transaction_sync(conn_or_pool: Any, ctx: Context | None = None) -> I
                     _rollback_until_idle_sync(conn)
                 raise
     except psycopg.OperationalError as exc:  # QueryCanceled and PoolTimeout included
-        err = ctx.err()
-        if err is not None:
-            raise err.with_traceback(None) from exc
+        raise_if_done(ctx, exc)
         raise
 
 
@@ -374,7 +373,7 @@ async def sqlalchemy_session(
 
     async with contextlib.AsyncExitStack() as stack:
         session = await stack.enter_async_context(session_factory())
-        async with _errors_as(ctx), finish_uninterrupted(session.begin()):
+        async with async_errors_as_ctx_err(ctx), finish_uninterrupted(session.begin()):
             guard: OutOfBandCancel | None = None
             try:
                 async with ctx.scope():

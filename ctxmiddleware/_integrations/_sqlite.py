@@ -14,14 +14,25 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from .._core._context import Context, current
+from .._core import Context, current, raise_if_done
 from ._guard import OutOfBandCancel
 
 __all__ = ["aiosqlite_interruptible", "sqlite_interruptible"]
 
 
-def _interrupted(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and "interrupt" in str(exc)
+@contextlib.contextmanager
+def _interrupt_as_ctx_err(ctx: Context) -> Iterator[None]:
+    """Report the interrupt ``ctx`` caused as ``ctx.err()``, chained to sqlite's error.
+
+    Any other error (``database is locked``...) propagates untouched, even once
+    ``ctx`` is done.
+    """
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "interrupt" in str(exc):
+            raise_if_done(ctx, exc)
+        raise
 
 
 @contextlib.contextmanager
@@ -37,10 +48,8 @@ def sqlite_interruptible(
     ctx.check()
     guard = OutOfBandCancel(ctx, conn.interrupt, again=conn.interrupt)
     try:
-        yield conn
-    except sqlite3.OperationalError as exc:
-        _raise_ctx_error_if_interrupted(ctx, exc)
-        raise
+        with _interrupt_as_ctx_err(ctx):
+            yield conn
     finally:
         guard.close()
 
@@ -58,17 +67,8 @@ async def aiosqlite_interruptible(db: Any, ctx: Context | None = None) -> AsyncI
     raw: sqlite3.Connection = db._connection  # aiosqlite keeps the sqlite3 connection here
     guard = OutOfBandCancel(ctx, raw.interrupt, again=raw.interrupt)
     try:
-        async with ctx.scope():
-            yield db
-    except sqlite3.OperationalError as exc:
-        _raise_ctx_error_if_interrupted(ctx, exc)
-        raise
+        with _interrupt_as_ctx_err(ctx):
+            async with ctx.scope():
+                yield db
     finally:
         await guard.aclose()
-
-
-def _raise_ctx_error_if_interrupted(ctx: Context, exc: sqlite3.OperationalError) -> None:
-    """Raise ``ctx.err()`` (from ``exc``) if ``exc`` is the interrupt ``ctx`` caused."""
-    err = ctx.err()
-    if err is not None and _interrupted(exc):
-        raise err.with_traceback(None) from exc

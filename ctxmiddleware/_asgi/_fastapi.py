@@ -7,8 +7,8 @@ from typing import Annotated, Any
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from .._core._context import Context
-from ._asgi import set_request_timeout
+from .._core import Context
+from .._request import set_request_timeout
 
 __all__ = ["RequestContext", "RouteTimeout", "request_context"]
 

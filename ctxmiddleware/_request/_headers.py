@@ -1,76 +1,31 @@
-"""Request-scoped values the middleware binds into every request's context."""
+"""Reading the request headers the middleware cares about, safely.
+
+Every parser here takes bytes from the network and returns either a clean
+value or ``None``: garbage is ignored, never guessed at, and never echoed.
+"""
 
 from __future__ import annotations
 
 import binascii
-import hmac
 import ipaddress
 import os
 from collections.abc import Iterable, Sequence
 
-from .._core._context import Key
+from .._core import Secret
 
 __all__ = [
-    "AUTH_TOKEN",
-    "CLIENT_IP",
-    "REQUEST_ID",
-    "ClientDisconnected",
-    "Secret",
+    "ID_POOL",
+    "MAX_REQUEST_ID",
+    "IPNetwork",
+    "bearer_token",
+    "escape_for_log",
+    "forwarded_for_hops",
+    "new_request_id",
+    "parse_ip",
+    "parse_networks",
+    "resolve_client_ip",
+    "sane_request_id",
 ]
-
-
-class Secret:
-    """A credential that never shows itself in ``str()``, ``repr()`` or logs.
-
-    ``reveal()`` returns the raw value; comparisons run in constant time.
-    """
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself. Don't log it."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('**********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
-
-    def __hash__(self) -> int:
-        return hash((Secret, len(self._value)))
-
-    def __reduce__(self) -> str:  # pickling would copy the secret around
-        raise TypeError("a Secret cannot be pickled")
-
-
-class ClientDisconnected(Exception):
-    """The cause of a request context cancelled because the client went away.
-
-    ``ctx.err()`` is a plain :class:`~ctxmiddleware.Canceled`;
-    ``ctxmiddleware.cause(ctx)`` is an instance of this class.
-    """
-
-    def __init__(self, message: str = "client disconnected") -> None:
-        super().__init__(message)
-
-
-REQUEST_ID: Key[str] = Key("request_id")
-"""The request id: the caller's ``x-request-id`` if it is sane, else a fresh uuid4 hex."""
-
-CLIENT_IP: Key[str] = Key("client_ip")
-"""The client address: the socket peer, or the forwarded address that trusted proxies vouch for."""
-
-AUTH_TOKEN: Key[Secret] = Key("auth_token")
-"""The ``Authorization: Bearer`` credential, as a :class:`Secret`; absent without one."""
-
 
 _ID_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 MAX_REQUEST_ID = 128
@@ -87,10 +42,14 @@ def sane_request_id(raw: bytes) -> bytes | None:
 _VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
 _VARIANT_RFC4122 = bytes((b & 0x3F) | 0x80 for b in range(256))
 _ids: list[bytes] = []
+ID_POOL = _ids
+"""Ids ready to hand out: ``ID_POOL.pop() if ID_POOL else new_request_id()``
+saves a call per request (bench/RESULTS.md, "request id pool")."""
 
 
 def _refill_ids() -> None:
-    # One system call and a few C-level passes per 256 ids.
+    # One system call and a few C-level passes per 256 ids (bench/RESULTS.md:
+    # "request id pool" row: uuid.uuid4().hex per request costs 3x more).
     block = bytearray(os.urandom(4096))
     block[6::16] = block[6::16].translate(_VERSION_4)
     block[8::16] = block[8::16].translate(_VARIANT_RFC4122)
@@ -108,13 +67,6 @@ def new_request_id() -> bytes:
         return _ids.pop()
 
 
-def parse_timeout_ms(raw: bytes) -> int | None:
-    """A remaining budget in ms: 1 to 10 ASCII digits, else None (ignored)."""
-    if 0 < len(raw) <= 10 and raw.isdigit():
-        return int(raw)
-    return None
-
-
 def bearer_token(raw: bytes) -> Secret | None:
     """The credential of ``Authorization: Bearer <token>``, else None."""
     scheme, _, token = raw.partition(b" ")
@@ -124,9 +76,12 @@ def bearer_token(raw: bytes) -> Secret | None:
     if not token or len(token) > 8192:
         return None
     try:
-        return Secret(token.decode("ascii"))
+        text = token.decode("ascii")
     except UnicodeDecodeError:
         return None
+    if not text.isprintable():
+        return None
+    return Secret(text)
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -137,11 +92,20 @@ def parse_networks(items: Iterable[str]) -> tuple[IPNetwork, ...]:
     """IPs and CIDRs ("10.0.0.0/8", "127.0.0.1", "::1") as networks; ValueError if invalid."""
     if isinstance(items, str):
         items = [items]
-    return tuple(ipaddress.ip_network(item.strip(), strict=False) for item in items)
+    networks = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"trusted_proxies holds strings, not {type(item).__name__}")
+        networks.append(ipaddress.ip_network(item.strip(), strict=False))
+    return tuple(networks)
 
 
 def parse_ip(text: str) -> IPAddress | None:
-    """An address from a forwarding header hop: plain, ``[v6]:port``, ``v4:port``, quoted."""
+    """An address from a forwarding header hop: plain, ``[v6]:port``, ``v4:port``, quoted.
+
+    IPv6 zone ids (``fe80::1%eth0``) are refused: a zone is free text chosen
+    by whoever wrote the header, and an address must be an address.
+    """
     text = text.strip().strip('"')
     if text.startswith("["):
         end = text.find("]")
@@ -150,6 +114,8 @@ def parse_ip(text: str) -> IPAddress | None:
         text = text[1:end]
     elif text.count(":") == 1:  # IPv4 with a port
         text = text.partition(":")[0]
+    if "%" in text:
+        return None
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
@@ -187,6 +153,7 @@ def resolve_client_ip(
     The socket peer is believed; each hop it (or a later trusted hop) reports is
     believed only while the reporter is in ``trusted``. A malformed hop ends the
     walk at the last believed address, so a client cannot spoof its address.
+    The result is a canonical address string (or the peer as the server gave it).
     """
     if peer is None or not trusted or not hops:
         return peer
@@ -200,3 +167,18 @@ def resolve_client_ip(
             break
         client = str(addr)
     return client
+
+
+_LOG_ESCAPES = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+}
+
+
+def escape_for_log(text: object) -> str:
+    """``text`` with control characters written as ``\\xNN``: one log record is
+    one line, whatever a client put in its request line (CWE-117)."""
+    s = text if isinstance(text, str) else str(text)
+    if s.isprintable():
+        return s
+    return s.translate(_LOG_ESCAPES)

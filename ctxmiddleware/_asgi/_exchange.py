@@ -1,0 +1,181 @@
+"""One ASGI HTTP request going through the middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .._core import ClientDisconnected, ContextError, DeadlineExceeded, cause
+from .._request import Request
+from ._receive import ReceiveRelay
+from ._response import ResponseState, ResponseTracker
+from ._types import Message, Scope
+from ._watch import WatchControl, Watchdog
+
+__all__ = ["AsgiRequest"]
+
+_log = logging.getLogger("ctxmiddleware")
+
+_current_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
+if sys.version_info >= (3, 12):
+    _current_task = asyncio.current_task
+else:  # 3.11's asyncio.current_task() is Python code; its registry is a dict
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+    _current_task = _current_tasks.get
+
+# ASGI spec versions ("2.3", "2.10", ...) seen so far -> at least 2.4? (A
+# dict lookup per request instead of parsing; a string compare is wrong:
+# "2.10" < "2.4".)
+SPEC_2_4: dict[str, bool] = {}
+
+
+def spec_at_least_2_4(version: str) -> bool:
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+        known = (major, minor) >= (2, 4)
+    except ValueError:
+        known = False
+    if len(SPEC_2_4) < 64:
+        SPEC_2_4[version] = known
+    return known
+
+
+class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
+    """The request layer's :class:`Request`, plus the ASGI jobs, each in its
+    own mixin: the response tracker (``send``), the receive relay with the
+    disconnect watcher (``receive``), and the cancellation controller. One
+    object per request (bench/RESULTS.md, "one object per request")."""
+
+    app_done = False
+    loop: asyncio.AbstractEventLoop
+
+    # (No __init__ of its own: Request's, called by the middleware with what
+    # it reads from the scope.)
+
+    def begin(self, watchdog: Watchdog) -> None:
+        """The app is about to run in the current task: note the request with the
+        watchdog, or watch it now if its deadline comes before the grace ends."""
+        loop = self.loop = watchdog.loop
+        task = _current_task(loop)
+        assert task is not None
+        self.task = task
+        self.cancelling = task.cancelling()
+        if self.deadline_at - self.arrival <= watchdog.grace:
+            self.start_watching()
+            return
+        watchdog.fresh.append(self)  # (Watchdog.note, written out: every request)
+        if not watchdog.check_scheduled:
+            watchdog.check_scheduled = True
+            loop.call_soon(watchdog.check)
+
+    def deadline_moved(self) -> None:
+        if not self.watching and self.deadline_at - self.arrival <= 0.005:
+            self.start_watching()
+
+    def start_watching(self) -> None:
+        if not self.app_done:
+            WatchControl.start_watching(self)
+
+    async def send_checked(self, message: Message) -> None:
+        try:
+            await self.send(message)
+        except OSError:
+            # ASGI 2.4: a send on a closed connection raises OSError.
+            self.client_left()
+            raise
+
+    # -- after the app ------------------------------------------------------
+
+    def app_raised(self, exc: BaseException) -> None:
+        """The app raised ``exc``. Raises ``ctx.err()`` instead if ``exc`` is the
+        ``CancelledError`` of our own cancellation."""
+        self.app_done = True
+        cancellation = self.cancellation
+        if cancellation is not None:
+            cancellation.finish(type(exc), exc)
+        if isinstance(exc, asyncio.CancelledError):
+            self.cancelled_from_outside = True
+
+    def app_returned(self) -> bool:
+        """The app returned. True if it returned empty-handed with the root done
+        (it swallowed our cancellation): then answer_context_done() answers."""
+        self.app_done = True
+        cancellation = self.cancellation
+        if cancellation is not None:
+            cancellation.finish(None, None)
+        return self.response == ResponseState.NOT_STARTED and self.root.err() is not None
+
+    async def settle(self, exc: Exception, inside_starlette: bool) -> bool:
+        """The app ended with ``exc``. True if it was the request's own
+        cancellation (answered here); False: the caller re-raises it."""
+        err = self.root.err()
+        if err is not None and (
+            isinstance(exc, ContextError)
+            or self.cancelled_by_us()
+            or isinstance(cause(self.root), ClientDisconnected)
+        ):
+            # What the app raised while being cancelled (a driver's own error,
+            # say), or on learning of a disconnect before our cancellation
+            # landed (Starlette's ClientDisconnect, an OSError from send), is
+            # a consequence of the cancellation.
+            if not isinstance(exc, ContextError):
+                _log.debug("ctxmiddleware: error while cancelling the app", exc_info=True)
+            await self.answer_context_done()
+            return True
+        self.failed = True
+        if self.response == ResponseState.NOT_STARTED and not inside_starlette:
+            # We wrap the whole app: nothing outside us will answer but the
+            # server, whose 500 would lack the request id. (Inside a Starlette
+            # app, scope["app"] is set before we run: there its error
+            # middleware and the user's 500 handler answer.)
+            await self.send_plain(500, b"Internal Server Error")
+        return False
+
+    async def answer_context_done(self) -> None:
+        """The root is done and the app is over: answer the deadline with the
+        timeout status if nothing was sent. (After a disconnect there is nobody
+        to answer; after the response started, returning without completing it
+        makes the server abort the connection, so the client sees a broken
+        response rather than a truncated one that looks whole.)"""
+        if isinstance(self.root.err(), DeadlineExceeded) and not self.client_gone:
+            await self.send_timeout()
+
+    async def answer_spent(self) -> None:
+        """The caller's budget was spent on arrival: answer without running the app."""
+        self.app_done = True
+        self.root.err()  # (the deadline has passed: this expires the root now)
+        await self.send_timeout()
+
+    def finish(self, scope: Scope) -> None:
+        """The request is over: outcome, log line, root ended, everything let go."""
+        self.ended = True
+        if self.watcher is not None:
+            self.stop_watcher()
+        err_before = self.root.err() if not self.complete or self.watching else None
+        self.end(scope.get("method"), scope.get("path"))
+        if err_before is not None:
+            # The error and its chain hold this request's frames, which hold
+            # the context, which holds the error: a cycle only the cyclic GC
+            # would free.
+            err_before.__traceback__ = None
+            err_before.__context__ = None
+            err_before.__cause__ = None
+        # The app may keep the root context (without_cancel(ctx) in a
+        # background job): let go of the server's channels, so the connection
+        # does not outlive the request through it, and no cycle (scope ->
+        # state -> root -> here -> server -> scope) is left to the cyclic GC.
+        self.server_receive = _receive_after_end
+        self.server_send = _send_after_end
+        self.cancellation = None
+
+
+async def _receive_after_end() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def _send_after_end(message: Message) -> None:
+    raise RuntimeError(f"{message.get('type')!r} sent after the request ended")

@@ -1,0 +1,27 @@
+"""The framework-neutral request layer: options, header parsing, values,
+deadline and outcome of one request, shared by the ASGI and WSGI adapters.
+
+It imports only the core. The adapters import from here only.
+"""
+
+from ._config import HeaderRole, RequestConfig, ValuesHook, positive_seconds
+from ._headers import escape_for_log, new_request_id, sane_request_id
+from ._outcome import Outcome, decide_outcome, log_outcome
+from ._request import EAGER_BODY_LIMIT, Request, request_of, set_request_timeout
+
+__all__ = [
+    "EAGER_BODY_LIMIT",
+    "HeaderRole",
+    "Outcome",
+    "Request",
+    "RequestConfig",
+    "ValuesHook",
+    "decide_outcome",
+    "escape_for_log",
+    "log_outcome",
+    "new_request_id",
+    "positive_seconds",
+    "request_of",
+    "sane_request_id",
+    "set_request_timeout",
+]

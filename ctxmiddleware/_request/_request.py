@@ -1,0 +1,263 @@
+"""One request as every adapter sees it: its values, its deadline, how it ended."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from .._core import (
+    AUTH_TOKEN,
+    CLIENT_IP,
+    REQUEST_ID,
+    Context,
+    DeadlineExceeded,
+    RootContext,
+    Secret,
+    current,
+    parse_budget_ms,
+    root_of,
+    with_value,
+)
+from ._config import HeaderRole, RequestConfig, positive_seconds
+from ._headers import (
+    ID_POOL,
+    bearer_token,
+    forwarded_for_hops,
+    new_request_id,
+    resolve_client_ip,
+    sane_request_id,
+)
+from ._outcome import Outcome, decide_outcome, log_outcome
+
+__all__ = ["EAGER_BODY_LIMIT", "Request", "request_of", "set_request_timeout"]
+
+_monotonic = time.monotonic
+_INF = math.inf
+_UNSET: Any = object()
+
+EAGER_BODY_LIMIT = 64 * 1024
+"""Bodies up to this size may be read ahead (to see a disconnect while the
+app does not read); larger or unknown ones never are: they keep the server's
+backpressure, so a client cannot make the server buffer what it sends."""
+
+_R_ID = HeaderRole.REQUEST_ID
+_R_BUDGET = HeaderRole.BUDGET
+_R_AUTH = HeaderRole.AUTHORIZATION
+_R_LENGTH = HeaderRole.CONTENT_LENGTH
+_R_CHUNKED = HeaderRole.TRANSFER_ENCODING
+
+
+class Request:
+    """One request, framework-neutral: the adapters (ASGI, WSGI) subclass it.
+
+    It reads the headers once (request id, budget, bearer token, forwarding
+    chain, body framing), builds the request's root context
+    (:attr:`root`, with the deadline), answers ``REQUEST_ID``, ``CLIENT_IP``
+    and ``AUTH_TOKEN`` for it (worked out when first asked for: most requests
+    never ask), and decides and logs how the request ended.
+
+    The adapter records what happened in the attributes below; then
+    :meth:`end` ends the root context and returns the :class:`Outcome`.
+    """
+
+    # Class-level defaults: most requests never change most of these.
+    budget_ms: int | None = None
+    """The caller's budget header, in ms (the smallest if several)."""
+    deadline_at = _INF
+    """The deadline (``time.monotonic()``), math.inf for none."""
+    header_deadline = _INF
+    """``arrival + budget``: the caller's budget caps every deadline."""
+    body_known_small = False
+    """The body is known to be at most EAGER_BODY_LIMIT bytes (or absent)."""
+    _request_id: str | None = None
+    _client_ip: str | None = _UNSET
+    _token: Secret | None = _UNSET
+    _auth: bytes | None = None
+    _fwd: list[bytes] | None = None
+    _length: bytes | None = None
+    _chunked = False
+
+    # What happened, recorded by the adapter (see decide_outcome).
+    complete = False
+    client_gone = False
+    answered_timeout = False
+    cancelled_from_outside = False
+    failed = False
+    status = 0
+    outcome: Outcome | None = None
+
+    def __init__(
+        self,
+        config: RequestConfig,
+        peer: str | None,
+        headers: Iterable[tuple[bytes, bytes]],
+        body_may_stream: bool,
+        hook_arg: Any,
+        timed: bool = True,
+    ) -> None:
+        """``headers``: (lower-case name, value) pairs; ``body_may_stream``: the
+        protocol allows a body without Content-Length or Transfer-Encoding
+        (HTTP/2 and 3); ``hook_arg``: what the ``values`` hook is given;
+        ``timed``: the middleware's timeout and the caller's budget apply (not
+        to a websocket, whose lifetime is the connection's)."""
+        self.config = config
+        arrival = self.arrival = _monotonic()
+        self._peer = peer
+        rid = None
+        roles = config.header_roles
+        for name, value in headers:
+            # One dict lookup per header: most headers are none of ours.
+            role = roles.get(name)
+            if role is None:
+                continue
+            if role == _R_ID:
+                if rid is None:
+                    rid = value
+            elif role == _R_BUDGET:
+                ms = parse_budget_ms(value)
+                if ms is not None and (self.budget_ms is None or ms < self.budget_ms):
+                    self.budget_ms = ms  # several: the smallest budget wins
+            elif role == _R_AUTH:
+                self._auth = value
+            elif role == _R_LENGTH:
+                self._length = value
+            elif role == _R_CHUNKED:
+                self._chunked = True
+            else:  # the forwarding header (read only with trusted proxies)
+                if self._fwd is None:
+                    self._fwd = []
+                self._fwd.append(value)
+        self.rid = (rid is not None and sane_request_id(rid)) or (
+            ID_POOL.pop() if ID_POOL else new_request_id()
+        )
+        if self._length is not None:
+            length = self._length.strip()
+            self.body_known_small = (
+                length.isdigit() and len(length) <= 6 and int(length) <= EAGER_BODY_LIMIT
+            )
+        elif not self._chunked and not body_may_stream:
+            self.body_known_small = True  # HTTP/1.x without framing: no body
+
+        when = _INF if config.timeout is None or not timed else arrival + config.timeout
+        budget = self.budget_ms
+        if budget is not None and timed:
+            header_when = self.header_deadline = arrival + budget / 1000.0
+            if header_when < when:
+                when = header_when
+        parent: Context = config.base
+        hook = config.values
+        if hook is not None:
+            for key, extra in hook(hook_arg):
+                parent = with_value(parent, key, extra)
+        self.deadline_at = when
+        self.root = RootContext(parent, self, None if when == _INF else when)
+
+    # -- the values the root answers (RootContext's ValueSource) ---------------
+
+    def get(self, key: Any, default: Any) -> Any:
+        if key is REQUEST_ID:
+            return self.request_id
+        if key is CLIENT_IP:
+            return self.client_ip()
+        if key is AUTH_TOKEN:
+            return self.token()
+        return default
+
+    def key_names(self) -> list[str]:
+        """The keys present, never their values (for ``str(ctx)``)."""
+        names = ["request_id"]
+        if self.client_ip() is not None:
+            names.append("client_ip")
+        if self.token() is not None:
+            names.append("auth_token")
+        return names
+
+    @property
+    def request_id(self) -> str:
+        """The request id (REQUEST_ID), as a str."""
+        rid = self._request_id
+        if rid is None:
+            rid = self._request_id = self.rid.decode("ascii")
+        return rid
+
+    def client_ip(self) -> str | None:
+        ip = self._client_ip
+        if ip is _UNSET:
+            ip = self._peer
+            if self._fwd is not None:
+                config = self.config
+                hops = forwarded_for_hops(self._fwd, config.forwarded_rfc7239)
+                ip = resolve_client_ip(ip, hops, config.trusted_proxies)
+            self._client_ip = ip
+        return ip
+
+    def token(self) -> Secret | None:
+        token = self._token
+        if token is _UNSET:
+            token = self._token = None if self._auth is None else bearer_token(self._auth)
+        return token
+
+    # -- the deadline ------------------------------------------------------------
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """Move the deadline to ``seconds`` after arrival (``None``: none); the
+        caller's budget still caps it."""
+        when = _INF if seconds is None else self.arrival + seconds
+        if self.header_deadline < when:
+            when = self.header_deadline
+        self.deadline_at = when
+        self.root.set_deadline(None if when == _INF else when)
+        self.deadline_moved()
+
+    def deadline_moved(self) -> None:
+        """Adapter hook: the deadline was moved (a route's own timeout)."""
+
+    # -- the end -----------------------------------------------------------------
+
+    def deadline_passed(self) -> bool:
+        return isinstance(self.root.err(), DeadlineExceeded)
+
+    def end(self, method: object, path: object) -> Outcome:
+        """The app is done with the request: decide the outcome, log it (499 and
+        deadlines only), end the root context. Call it with the root still
+        bound as ``current()``, so log filters see the request id."""
+        outcome = self.outcome = decide_outcome(self)
+        if outcome is not Outcome.COMPLETED:
+            status = self.status
+            if outcome is Outcome.DEADLINE and (self.answered_timeout or not status):
+                status = self.config.timeout_status
+            log_outcome(outcome, method, path, status, self.request_id)
+        self.root.end()
+        # The root keeps this request (its value source) for as long as the
+        # app keeps the context; the request must not keep the root, or every
+        # request would be a reference cycle left to the cyclic GC.
+        del self.root
+        return outcome
+
+
+def request_of(ctx: Context) -> Request | None:
+    """The request whose root ``ctx`` is, or derives from (through with_cancel,
+    with_timeout and with_value; not through without_cancel), while it runs."""
+    root = root_of(ctx)
+    if root is None:
+        return None
+    source = root.source
+    if not isinstance(source, Request) or source.outcome is not None:
+        return None
+    return source
+
+
+def set_request_timeout(seconds: float | None) -> None:
+    """Move the current request's deadline to ``seconds`` after its arrival.
+
+    ``None`` removes the middleware's timeout (the caller's budget still
+    applies). Raises ``RuntimeError`` outside a request served by the middleware.
+    """
+    if seconds is not None:
+        seconds = positive_seconds(seconds, "timeout")
+    request = request_of(current())
+    if request is None:
+        raise RuntimeError("set_request_timeout() needs a request served by ContextMiddleware")
+    request.set_timeout(seconds)

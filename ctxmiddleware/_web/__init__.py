@@ -1,1 +1,0 @@
-"""Web adapters: the ASGI middleware and what it puts in a request's context."""
