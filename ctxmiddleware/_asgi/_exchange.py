@@ -27,21 +27,22 @@ else:  # 3.11's asyncio.current_task() is Python code; its registry is a dict
 
     _current_task = _current_tasks.get
 
-# ASGI spec versions ("2.3", "2.10", ...) seen so far -> at least 2.4? (A
-# dict lookup per request instead of parsing; a string compare is wrong:
-# "2.10" < "2.4".)
-SPEC_2_4: dict[str, bool] = {}
+# ASGI spec_version -> is it 2.4 or later? Filled as versions are seen, so a
+# request costs one dict lookup (and a string compare would be wrong:
+# "2.10" < "2.4").
+SENDS_RAISE: dict[object, bool] = {}
 
 
-def spec_at_least_2_4(version: str) -> bool:
+def sends_raise(version: object) -> bool:
+    """Whether the server's send() raises OSError on a closed connection (ASGI 2.4+)."""
     try:
-        major, minor = (int(part) for part in version.split(".")[:2])
-        known = (major, minor) >= (2, 4)
+        major, minor = (int(part) for part in str(version).split(".")[:2])
+        raises = (major, minor) >= (2, 4)
     except ValueError:
-        known = False
-    if len(SPEC_2_4) < 64:
-        SPEC_2_4[version] = known
-    return known
+        raises = False
+    if len(SENDS_RAISE) < 64:
+        SENDS_RAISE[version] = raises
+    return raises
 
 
 class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
@@ -60,11 +61,8 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
         """The app is about to run in the current task: note the request with the
         watchdog, or watch it now if its deadline comes before the grace ends."""
         loop = self.loop = watchdog.loop
-        task = _current_task(loop)
-        assert task is not None
-        self.task = task
-        self.cancelling = task.cancelling()
-        if self.deadline_at - self.arrival <= watchdog.grace:
+        self.task = _current_task(loop)  # type: ignore[assignment]  # (we run in a task)
+        if self.urgent:
             self.start_watching()
             return
         watchdog.fresh.append(self)  # (Watchdog.note, written out: every request)
@@ -73,7 +71,7 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
             loop.call_soon(watchdog.check)
 
     def deadline_moved(self) -> None:
-        if not self.watching and self.deadline_at - self.arrival <= 0.005:
+        if self.urgent and not self.watching:
             self.start_watching()
 
     def start_watching(self) -> None:
@@ -81,10 +79,11 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
             WatchControl.start_watching(self)
 
     async def send_checked(self, message: Message) -> None:
+        """``send`` for ASGI 2.4 servers: a send on a closed connection raises
+        OSError, which tells us at once that the client is gone."""
         try:
             await self.send(message)
         except OSError:
-            # ASGI 2.4: a send on a closed connection raises OSError.
             self.client_left()
             raise
 
@@ -109,7 +108,7 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
             cancellation.finish(None, None)
         return self.response == ResponseState.NOT_STARTED and self.root.err() is not None
 
-    async def settle(self, exc: Exception, inside_starlette: bool) -> bool:
+    async def settle(self, exc: Exception, scope: Scope) -> bool:
         """The app ended with ``exc``. True if it was the request's own
         cancellation (answered here); False: the caller re-raises it."""
         err = self.root.err()
@@ -127,7 +126,7 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
             await self.answer_context_done()
             return True
         self.failed = True
-        if self.response == ResponseState.NOT_STARTED and not inside_starlette:
+        if self.response == ResponseState.NOT_STARTED and "app" not in scope:
             # We wrap the whole app: nothing outside us will answer but the
             # server, whose 500 would lack the request id. (Inside a Starlette
             # app, scope["app"] is set before we run: there its error
@@ -155,7 +154,7 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
         self.ended = True
         if self.watcher is not None:
             self.stop_watcher()
-        err_before = self.root.err() if not self.complete or self.watching else None
+        err_before = self.root.err() if self.watching or not self.complete else None
         self.end(scope.get("method"), scope.get("path"))
         if err_before is not None:
             # The error and its chain hold this request's frames, which hold
@@ -170,7 +169,8 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
         # state -> root -> here -> server -> scope) is left to the cyclic GC.
         self.server_receive = _receive_after_end
         self.server_send = _send_after_end
-        self.cancellation = None
+        if self.cancellation is not None:
+            self.cancellation = None
 
 
 async def _receive_after_end() -> Message:

@@ -11,14 +11,14 @@ from typing import Any, TypeVar
 
 from .._core import CURRENT_CONTEXT, ClientDisconnected, Context
 from .._request import Request, RequestConfig, ValuesHook, positive_seconds, set_request_timeout
-from ._exchange import SPEC_2_4, AsgiRequest, spec_at_least_2_4
+from ._exchange import SENDS_RAISE, AsgiRequest, sends_raise
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from ._watch import Watchdog
 
 __all__ = ["ContextMiddleware", "route_timeout"]
 
 _HTTP1 = ("1.1", "1.0")
-_NO_ASGI: dict[str, str] = {}
+_NO_ASGI: dict[str, object] = {}
 
 
 class ContextMiddleware:
@@ -124,21 +124,21 @@ class ContextMiddleware:
             if watchdog is None or watchdog.loop is not loop:
                 watchdog = self.watchdog = Watchdog(loop, self.config.disconnect_grace)
             request.begin(watchdog)
-            spec = scope.get("asgi", _NO_ASGI).get("spec_version", "2.0")
-            checked = SPEC_2_4.get(spec)
-            if checked is None:
-                checked = spec_at_least_2_4(spec)
+            spec = scope.get("asgi", _NO_ASGI).get("spec_version")
+            raises = SENDS_RAISE.get(spec)
+            if raises is None:
+                raises = sends_raise(spec)
             try:
                 await self.app(
-                    scope, request.receive, request.send_checked if checked else request.send
+                    scope, request.receive, request.send_checked if raises else request.send
                 )
             except BaseException as exc:
                 request.app_raised(exc)  # raises ctx.err() if we cancelled the app
                 raise
-            if request.app_returned():
+            if (request.watching or not request.complete) and request.app_returned():
                 await request.answer_context_done()
         except Exception as exc:
-            if not await request.settle(exc, "app" in scope):
+            if not await request.settle(exc, scope):
                 raise
         finally:
             request.finish(scope)  # still bound: log filters see the request id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Awaitable
 
 from .._core import DeadlineExceeded, RootContext, TaskCancellation
@@ -20,12 +21,16 @@ class ResponseState:
     REPLACED = 3
     """The app's 500 for our own cancellation is being answered as a timeout
     by the middleware: the rest of the app's response is dropped."""
+    STARTED_TRAILERS = 4
+    """Started, and trailers will follow the body: they complete the response."""
 
 
 _NOT_STARTED = ResponseState.NOT_STARTED
 _STARTED = ResponseState.STARTED
 _COMPLETE = ResponseState.COMPLETE
 _REPLACED = ResponseState.REPLACED
+_STARTED_TRAILERS = ResponseState.STARTED_TRAILERS
+_name_of = operator.itemgetter(0)
 
 
 class ResponseTracker:
@@ -38,7 +43,6 @@ class ResponseTracker:
     """
 
     response = _NOT_STARTED
-    trailers = False
     # (From the other parts of the request.)
     config: RequestConfig
     root: RootContext
@@ -55,33 +59,21 @@ class ResponseTracker:
         # coroutine per message on the hot path.
         kind = message["type"]
         if kind == "http.response.body":
+            response = self.response
+            if response == _STARTED:
+                if not message.get("more_body", False):
+                    # (response_complete(), written out: every response ends here.)
+                    self.response = _COMPLETE
+                    self.complete = True
+                    if self.cancellation is not None:
+                        self.cancellation.disarm()
+            elif response == _REPLACED:
+                return NOTHING
+        elif kind == "http.response.start":
+            if self.response == _NOT_STARTED:
+                return self.start_response(message)
             if self.response == _REPLACED:
                 return NOTHING
-            if not message.get("more_body", False) and not self.trailers:
-                # (response_complete(), written out: every response ends here.)
-                self.response = _COMPLETE
-                self.complete = True
-                if self.cancellation is not None:
-                    self.cancellation.disarm()
-        elif kind == "http.response.start":
-            if self.response != _NOT_STARTED:
-                return NOTHING if self.response == _REPLACED else self.server_send(message)
-            status = message["status"]
-            if status == 500 and self.cancelled_by_us():
-                return self.replace_500()
-            self.response = _STARTED
-            self.status = status
-            if message.get("trailers", False):
-                self.trailers = True
-            # The start message is built for this one call (as Starlette does),
-            # so it is updated in place, like other middlewares do.
-            rid_name = self.config.request_id_header
-            headers = message.get("headers", ())
-            for name, _ in headers:
-                if name.lower() == rid_name:
-                    headers = [h for h in headers if h[0].lower() != rid_name]
-                    break
-            message["headers"] = [*headers, (rid_name, self.rid)]
         elif kind == "http.response.trailers":
             if self.response == _REPLACED:
                 return NOTHING
@@ -89,6 +81,26 @@ class ResponseTracker:
                 self.response_complete()
         elif kind == "http.response.pathsend":
             self.response_complete()
+        return self.server_send(message)
+
+    def start_response(self, message: Message) -> Awaitable[None]:
+        status = message["status"]
+        if status == 500 and self.root.err() is not None:
+            # The app's error middleware made a 500 of the request's own
+            # cancellation (or of a ctx.err() it raised before we cancelled
+            # it): answer as if it had reached us.
+            return self.replace_500()
+        # With trailers, the last body message does not complete the response.
+        self.response = _STARTED_TRAILERS if message.get("trailers", False) else _STARTED
+        self.status = status
+        # The start message is built for this one call (as Starlette does), so
+        # it is updated in place, like other middlewares do. Exactly one
+        # request id: the one the logs carry (names compared in C).
+        rid_name = self.config.request_id_header
+        headers = message.get("headers", ())
+        if rid_name in map(bytes.lower, map(_name_of, headers)):
+            headers = [h for h in headers if h[0].lower() != rid_name]
+        message["headers"] = [*headers, (rid_name, self.rid)]
         return self.server_send(message)
 
     def response_complete(self) -> None:

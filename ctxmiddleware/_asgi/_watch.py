@@ -111,7 +111,6 @@ class WatchControl:
     root: RootContext
     arrival: float
     task: asyncio.Task[Any]
-    cancelling: int
     complete: bool
     client_gone: bool
     disconnect: Message | None
@@ -126,8 +125,11 @@ class WatchControl:
         if self.watching or self.ended:
             return
         self.watching = True
-        if not self.complete:
-            self.cancellation = TaskCancellation(self.root, self.task, self.cancelling)
+        task = self.task
+        # (A task already being cancelled from outside, at shutdown say, is
+        # left to that cancellation.)
+        if not self.complete and not task.cancelling():
+            self.cancellation = TaskCancellation(self.root, task, 0)
         self.root.arm()
         if self.may_watch_receive():
             self.start_watcher()

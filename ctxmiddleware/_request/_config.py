@@ -82,6 +82,10 @@ class RequestConfig:
     disconnect_grace: float
     # Lower-case header name -> HeaderRole, for one dict lookup per header.
     header_roles: dict[bytes, int]
+    # The same names, to tell in one C call whether a request has any of them.
+    header_names: frozenset[bytes]
+    # The timeout is shorter than the disconnect grace: watch every request at once.
+    timeout_is_urgent: bool
 
     @classmethod
     def from_options(
@@ -146,4 +150,6 @@ class RequestConfig:
             base=base,
             disconnect_grace=float(disconnect_grace),
             header_roles=roles,
+            header_names=frozenset(roles),
+            timeout_is_urgent=seconds is not None and seconds <= disconnect_grace,
         )
