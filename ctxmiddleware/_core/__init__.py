@@ -33,7 +33,7 @@ from ._context import (
 from ._driver_errors import async_errors_as_ctx_err, errors_as_ctx_err, raise_if_done
 from ._errors import Canceled, ContextError, DeadlineExceeded
 from ._keys import AUTH_TOKEN, CLIENT_IP, REQUEST_ID, ClientDisconnected, Secret
-from ._scope import CancelScope, TaskCancellation
+from ._scope import CancelScope, TaskCancellation, redeliver_cancellation
 from ._wire import parse_budget_ms
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "errors_as_ctx_err",
     "parse_budget_ms",
     "raise_if_done",
+    "redeliver_cancellation",
     "root_of",
     "todo",
     "with_cancel",

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._context import Context
 
-__all__ = ["CancelScope", "TaskCancellation"]
+__all__ = ["CancelScope", "TaskCancellation", "redeliver_cancellation"]
 
 _WATCHING, _CANCELLING, _DISARMED, _FINISHED = range(4)
 
@@ -37,10 +37,15 @@ _WATCHING, _CANCELLING, _DISARMED, _FINISHED = range(4)
 class _TaskCancel:
     """One task.cancel() issued by our cancellations, until one claims it at its end."""
 
-    __slots__ = ("claimed",)
+    __slots__ = ("claimed", "count", "holders")
 
-    def __init__(self) -> None:
+    def __init__(self, holder: TaskCancellation, count: int) -> None:
         self.claimed = False
+        #: task.cancelling() right after our task.cancel().
+        self.count = count
+        #: The cancellations waiting on this task.cancel() (nested scopes),
+        #: weakly: they hold the task, the key of ``_pending``.
+        self.holders = [weakref.ref(holder)]
 
 
 _pending: weakref.WeakKeyDictionary[asyncio.Task[Any], _TaskCancel] = (
@@ -62,7 +67,9 @@ class TaskCancellation:
       ``CancelledError`` pass untouched.
     """
 
-    __slots__ = ("_cancelling", "_ctx", "_loop", "_shared", "_state", "_task", "_unlink")
+    __slots__ = (
+        "__weakref__", "_cancelling", "_ctx", "_loop", "_shared", "_state", "_task", "_unlink"
+    )
 
     def __init__(self, ctx: Context, task: asyncio.Task[Any], cancelling: int) -> None:
         self._ctx = ctx
@@ -104,9 +111,17 @@ class TaskCancellation:
             # say) woken by the same context: one task.cancel() for all of
             # them, claimed by the innermost, which raises ctx.err().
             self._shared = shared
+            shared.holders.append(weakref.ref(self))
             return
-        self._shared = _pending[task] = _TaskCancel()
         task.cancel()
+        self._shared = _pending[task] = _TaskCancel(self, task.cancelling())
+
+    def _rearm(self) -> None:
+        """Back to watching, and fire again from the next loop callback: at the
+        task's next suspension, if the work is still under this cancellation."""
+        self._state = _WATCHING
+        self._shared = None
+        self._loop.call_soon(self._fire)
 
     def disarm(self) -> bool:
         """Stop watching the context. False if the task was already cancelled."""
@@ -147,6 +162,30 @@ class TaskCancellation:
             # err is shared by every cancellation on this context: start a
             # fresh traceback, or each raise would append to the last one's.
             raise err.with_traceback(None) from (why if why is not err else exc)
+
+
+def redeliver_cancellation(task: asyncio.Task[Any]) -> bool:
+    """Withdraw the ``CancelledError`` our cancellation delivered to ``task``,
+    which the caller caught and will not re-raise; deliver it again at the
+    task's next suspension (if the work is still under the cancellation then).
+
+    For an operation that completed although the cancellation landed while it
+    ran (a database COMMIT): it returns its result, and the cancellation
+    interrupts whatever the task awaits next. Returns False if the task has
+    no such cancellation pending, or another cancel request besides ours (a
+    cancellation from elsewhere): the caller must re-raise its
+    ``CancelledError``.
+    """
+    shared = _pending.get(task)
+    if shared is None or shared.claimed or task.cancelling() != shared.count:
+        return False
+    del _pending[task]
+    task.uncancel()
+    for ref in shared.holders:
+        holder = ref()
+        if holder is not None and holder._state == _CANCELLING and holder._shared is shared:
+            holder._rearm()
+    return True
 
 
 class CancelScope:

@@ -12,6 +12,13 @@ used again (a late cancel could otherwise hit the next statement).
 The same cancellations would also interrupt the ROLLBACK that follows a
 cancelled query, leaving the connection ``idle in transaction (aborted)``:
 :func:`run_to_end` and :func:`finish_uninterrupted` let it complete.
+
+A COMMIT is never interrupted either, and one that completes is never
+reported as a failure: a cancellation of the task that lands while it runs is
+held by :class:`CommitOutcome` until the helper returns, then delivered again
+at the task's next suspension. So a handler can rely on one rule: if the
+helper returned, the transaction committed; if it raised ``ctx.err()``, it
+rolled back.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from typing import Any, TypeVar
 
 import anyio
 
-from .._core import Context, after_func
+from .._core import Context, after_func, redeliver_cancellation
 
 __all__ = [
+    "CommitOutcome",
     "OutOfBandCancel",
     "finish_uninterrupted",
     "run_to_end",
@@ -136,11 +144,17 @@ def _consume(task: asyncio.Future[Any]) -> None:
         task.exception()  # retrieved: no "exception was never retrieved" warning
 
 
-async def run_to_end(aw: Awaitable[T], on_timeout: Callable[[], object] | None = None) -> T:
+async def run_to_end(
+    aw: Awaitable[T],
+    on_timeout: Callable[[], object] | None = None,
+    outcome: CommitOutcome | None = None,
+) -> T:
     """Await ``aw`` to its end even if the caller is cancelled meanwhile.
 
     A cancellation that arrives meanwhile (anyio's level-triggered ones are held
-    off, a native one is caught) is re-raised once ``aw`` is done. The wait is
+    off, a native one is caught) is re-raised once ``aw`` is done; or, if
+    ``aw`` succeeded and ``outcome`` is given, kept there (see
+    :class:`CommitOutcome`). The wait is
     bounded: after ``_CANCEL_WAIT`` seconds ``aw`` is cancelled, ``on_timeout()``
     is called (close the connection: its state is unknown) and ``TimeoutError``
     (or the pending cancellation) is raised.
@@ -167,9 +181,43 @@ async def run_to_end(aw: Awaitable[T], on_timeout: Callable[[], object] | None =
             raise cancelled
         raise TimeoutError(f"database cleanup did not finish within {_CANCEL_WAIT}s")
     if cancelled is not None:
+        if outcome is not None and not task.cancelled() and task.exception() is None:
+            outcome.cancelled = cancelled  # it committed: report that first
+            return task.result()
         _consume(task)
         raise cancelled
     return task.result()
+
+
+class CommitOutcome:
+    """The outermost block of a transaction helper: a cancellation of the task
+    that landed during a COMMIT that succeeded is not raised by the helper.
+
+    ``run_to_end(..., outcome=self)`` keeps it in :attr:`cancelled`; at the
+    end of this block (the helper has let go of its connection) it is
+    delivered again, at the task's next suspension, to the scope that
+    cancelled the task (:func:`redeliver_cancellation`), which raises
+    ``ctx.err()`` there. A cancellation from elsewhere (server shutdown) is
+    re-raised at once, as before.
+    """
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled: BaseException | None = None
+
+    async def __aenter__(self) -> CommitOutcome:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        cancelled = self.cancelled
+        if cancelled is None:
+            return
+        self.cancelled = None
+        task = asyncio.current_task()
+        if task is not None and redeliver_cancellation(task):
+            return
+        raise cancelled
 
 
 @contextlib.asynccontextmanager
@@ -177,8 +225,12 @@ async def finish_uninterrupted(
     cm: AbstractAsyncContextManager[T],
     on_timeout: Callable[[], object] | None = None,
     repair: Callable[[bool], Awaitable[object] | None] | None = None,
+    outcome: CommitOutcome | None = None,
 ) -> AsyncIterator[T]:
     """Enter ``cm`` normally; run its exit (COMMIT or ROLLBACK) with :func:`run_to_end`.
+
+    With ``outcome``, a cancellation that lands during a COMMIT that succeeds
+    is kept there rather than raised (see :class:`CommitOutcome`).
 
     If entering or exiting fails (BEGIN interrupted; a ROLLBACK hit by a late
     cancel request), ``repair(entering)`` may return a repair to run to the
@@ -204,7 +256,7 @@ async def finish_uninterrupted(
             raise
     else:
         try:
-            await run_to_end(cm.__aexit__(None, None, None), on_timeout)
+            await run_to_end(cm.__aexit__(None, None, None), on_timeout, outcome)
         except BaseException:
             await _repair(repair, False, on_timeout)
             raise

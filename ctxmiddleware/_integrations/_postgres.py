@@ -15,6 +15,12 @@ Each helper opens a transaction that:
 * like Go's ``database/sql``, is rolled back, not committed, if the context is
   done when the block ends; COMMIT and ROLLBACK themselves are never
   interrupted halfway (see :func:`._guard.run_to_end`);
+* makes the outcome knowable: **if the helper returned, the transaction
+  committed; if it raised ``ctx.err()``, it rolled back.** A COMMIT that
+  completes is never reported as a failure, even when the deadline passed
+  (or the client left) while it ran: the cancellation that landed then is
+  delivered at the caller's next ``await`` after the helper returns (see
+  :class:`._guard.CommitOutcome`);
 * leaves the connection clean: no ``idle in transaction (aborted)`` backend is
   left and the pool can reuse it.
 
@@ -30,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from typing import Any
 
 from .._core import Context, async_errors_as_ctx_err, current, raise_if_done
-from ._guard import OutOfBandCancel, finish_uninterrupted, statement_timeout_ms
+from ._guard import CommitOutcome, OutOfBandCancel, finish_uninterrupted, statement_timeout_ms
 
 __all__ = [
     "asyncpg_transaction",
@@ -93,13 +99,15 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
             rows = await conn.fetch("SELECT * FROM report($1)", day)
 
     When ``ctx`` is done the block is interrupted (waiting for the pool too)
-    and raises ``ctx.err()``.
+    and raises ``ctx.err()``. If the helper returned, the transaction
+    committed; if it raised ``ctx.err()``, it rolled back (a COMMIT under way
+    at the deadline completes, and the helper returns).
     """
     ctx = current() if ctx is None else ctx
     statement_timeout_ms(ctx)  # fail fast, before touching the connection
     import asyncpg
 
-    async with contextlib.AsyncExitStack() as stack:
+    async with CommitOutcome() as outcome, contextlib.AsyncExitStack() as stack:
         conn = conn_or_pool
         if isinstance(conn_or_pool, asyncpg.Pool):
             # Waiting for the pool is part of the request's time.
@@ -110,7 +118,7 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
         tr = conn.transaction()
         async with (
             async_errors_as_ctx_err(ctx),
-            finish_uninterrupted(tr, conn.terminate, _asyncpg_repair(conn, tr)),
+            finish_uninterrupted(tr, conn.terminate, _asyncpg_repair(conn, tr), outcome),
         ):
             async with ctx.scope():
                 await _set_statement_timeout(ctx, conn.execute)
@@ -186,11 +194,13 @@ async def psycopg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
             cur = await conn.execute("SELECT pg_sleep(%s)", [10])
 
     Under a level-triggered cancellation (anyio scopes) psycopg closes the
-    connection; the query is still cancelled on the server.
+    connection; the query is still cancelled on the server. If the helper
+    returned, the transaction committed; if it raised ``ctx.err()``, it
+    rolled back.
     """
     ctx = current() if ctx is None else ctx
     statement_timeout_ms(ctx)
-    async with contextlib.AsyncExitStack() as stack:
+    async with CommitOutcome() as outcome, contextlib.AsyncExitStack() as stack:
         conn = conn_or_pool
         if not hasattr(conn_or_pool, "pgconn"):
             async with async_errors_as_ctx_err(ctx), ctx.scope():
@@ -200,7 +210,7 @@ async def psycopg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
         repair = _psycopg_repair(conn) if _psycopg_idle(conn) else None
         async with (
             async_errors_as_ctx_err(ctx),
-            finish_uninterrupted(conn.transaction(), _closer(conn), repair),
+            finish_uninterrupted(conn.transaction(), _closer(conn), repair, outcome),
         ):
             try:
                 async with ctx.scope():
@@ -307,6 +317,9 @@ def psycopg_transaction_sync(conn_or_pool: Any, ctx: Context | None = None) -> I
 
     ``conn_or_pool`` is a ``psycopg.Connection`` or a
     ``psycopg_pool.ConnectionPool``, whose wait is bounded by the deadline.
+    If the helper returned, the transaction committed (a COMMIT under way at
+    the deadline is not interrupted); if it raised ``ctx.err()``, it rolled
+    back.
     """
     import psycopg
 
@@ -358,7 +371,9 @@ async def sqlalchemy_session(
             rows = (await session.execute(select(Order))).all()
 
     A cancelled query costs the connection: SQLAlchemy invalidates it (the
-    pool opens a new one), after the query is cancelled on the server.
+    pool opens a new one), after the query is cancelled on the server. If
+    the helper returned, the transaction committed; if it raised
+    ``ctx.err()``, it rolled back.
     """
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.sql import text
@@ -371,9 +386,12 @@ async def sqlalchemy_session(
         def session_factory() -> AsyncSession:
             return AsyncSession(engine, expire_on_commit=False)
 
-    async with contextlib.AsyncExitStack() as stack:
+    async with CommitOutcome() as outcome, contextlib.AsyncExitStack() as stack:
         session = await stack.enter_async_context(session_factory())
-        async with async_errors_as_ctx_err(ctx), finish_uninterrupted(session.begin()):
+        async with (
+            async_errors_as_ctx_err(ctx),
+            finish_uninterrupted(session.begin(), outcome=outcome),
+        ):
             guard: OutOfBandCancel | None = None
             try:
                 async with ctx.scope():
