@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import logging
 import math
+import numbers
 import threading
 import time
 import weakref
@@ -92,6 +93,8 @@ class Key(Generic[T]):
     __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"a Key's name is a str, not {type(name).__name__}")
         self.name = name
 
     def __repr__(self) -> str:
@@ -127,14 +130,23 @@ class Done:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the context is done or ``timeout`` seconds pass.
 
-        Returns ``True`` if the context is done.
+        Returns ``True`` if the context is done. ``timeout`` is any number
+        of seconds, ``math.inf`` included (0 or less: just check); NaN or a
+        non-number raises at once.
         """
+        if timeout is not None:
+            timeout = _wait_seconds(timeout)
         owner = self._owner
         if owner is None:
-            if timeout is None:
+            if timeout is None or timeout == _INF:
                 threading.Event().wait()
-            elif timeout > 0:
-                threading.Event().wait(timeout)
+            else:
+                until = _monotonic() + timeout
+                step = timeout
+                while step > 0:
+                    # Bounded steps: Event.wait() overflows past TIMEOUT_MAX.
+                    threading.Event().wait(step if step < _MAX_WAIT else _MAX_WAIT)
+                    step = until - _monotonic()
             return False
         if owner.err() is not None:
             return True
@@ -945,11 +957,54 @@ def with_deadline_cause(
     parent: Context, deadline: float, cause: BaseException | None
 ) -> tuple[Context, CancelFunc]:
     """Like :func:`with_deadline`; ``cause`` is reported by :func:`cause` when the
-    deadline passes. The returned cancel function does not set the cause."""
+    deadline passes. The returned cancel function does not set the cause.
+
+    ``deadline`` is a ``time.monotonic()`` instant (``math.inf``: none). A
+    finite one more than 10 years after ``time.monotonic()`` raises
+    ``ValueError``: it is a wall-clock (``time.time()``) instant by mistake."""
     _check_parent(parent)
-    deadline = float(deadline)
-    if math.isnan(deadline):
-        raise ValueError("deadline must not be NaN")
+    deadline = _real(deadline, "deadline")
+    if deadline != _INF:
+        now = _monotonic()
+        if deadline - now > _MAX_AHEAD:
+            raise ValueError(
+                f"deadline {deadline!r} is {deadline - now:.4g} s after time.monotonic()"
+                f" ({now:.3f}): with_deadline() takes a time.monotonic() instant, not a"
+                " time.time() one (for a relative time use with_timeout())"
+            )
+    return _with_deadline(parent, deadline, cause)
+
+
+# A finite deadline further ahead than this is a wall-clock instant by mistake.
+_MAX_AHEAD = 10 * 365.25 * 86400.0
+
+
+def _real(value: object, what: str) -> float:
+    """``value`` (an int, a float or another real number, not a bool) as a float
+    that is not NaN; else a clear TypeError or ValueError."""
+    t = type(value)
+    if t is not float and t is not int and (
+        isinstance(value, bool) or not isinstance(value, numbers.Real)
+    ):
+        raise TypeError(f"{what} must be a number of seconds, not {t.__name__}")
+    try:
+        result = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueError(f"{what} is too large to be a float ({t.__name__} over 1e308)") from None
+    if result != result:
+        raise ValueError(f"{what} must not be NaN")
+    return result
+
+
+def _wait_seconds(timeout: object) -> float:
+    return _real(timeout, "timeout")
+
+
+def _with_deadline(
+    parent: Context, deadline: float, cause: BaseException | None
+) -> tuple[Context, CancelFunc]:
+    """with_deadline_cause() once ``deadline`` is checked."""
+    _check_parent(parent)
     current_deadline = parent.deadline()
     if current_deadline is not None and current_deadline < deadline:
         return with_cancel(parent)
@@ -967,7 +1022,7 @@ def with_deadline_cause(
 def _seconds(timeout: float | datetime.timedelta) -> float:
     if isinstance(timeout, datetime.timedelta):
         return timeout.total_seconds()
-    return float(timeout)
+    return _real(timeout, "timeout")
 
 
 def with_timeout(
@@ -976,14 +1031,14 @@ def with_timeout(
     """``with_deadline(parent, time.monotonic() + timeout)``.
 
     ``timeout`` is in seconds or a :class:`datetime.timedelta`."""
-    return with_deadline_cause(parent, _monotonic() + _seconds(timeout), None)
+    return _with_deadline(parent, _monotonic() + _seconds(timeout), None)
 
 
 def with_timeout_cause(
     parent: Context, timeout: float | datetime.timedelta, cause: BaseException | None
 ) -> tuple[Context, CancelFunc]:
     """``with_deadline_cause(parent, time.monotonic() + timeout, cause)``."""
-    return with_deadline_cause(parent, _monotonic() + _seconds(timeout), cause)
+    return _with_deadline(parent, _monotonic() + _seconds(timeout), cause)
 
 
 def with_value(parent: Context, key: Hashable, value: object) -> Context:
@@ -1017,6 +1072,8 @@ def without_cancel(parent: Context) -> Context:
 def cause(ctx: Context) -> BaseException | None:
     """Why ``ctx`` is done: the cause passed to its cancel function (or to
     ``with_*_cause``), else ``ctx.err()``. ``None`` while it is not done."""
+    if not isinstance(ctx, Context):
+        raise TypeError(f"cause() takes a ctxmiddleware.Context, not {type(ctx).__name__}")
     node = ctx.value(_CANCEL_NODE)
     if isinstance(node, _CancelCtx):
         c = node._cause
@@ -1079,6 +1136,8 @@ def after_func(ctx: Context, fn: Callable[[], object]) -> Callable[[], bool]:
     returns ``True`` only if it prevented ``fn`` from running; it does not wait
     for a running ``fn``.
     """
+    if not callable(fn):
+        raise TypeError(f"after_func() needs a callable, not {type(fn).__name__}")
     registration = _AfterFunc(fn)
     _subscribe(_check_parent(ctx), registration, pin=True)
     return registration.stop
