@@ -623,23 +623,17 @@ class RootContext(_TimerCtx):
     The deadline is never later than the parent's.
     """
 
-    __slots__ = ("source",)
+    # No __slots__: an instance dict, with the fields that start as None
+    # given as class-level defaults (they shadow the base classes' slots), so
+    # that creating a root writes three fields, not ten. One root per request,
+    # on the hot path (bench/RESULTS.md, "core root init").
+    _link = _err = _cause = _children = _done = _dnode = _timer = _deadline_cause = None
 
     def __init__(
         self, parent: Context, source: ValueSource | None = None, deadline: float | None = None
     ) -> None:
-        # _TimerCtx.__init__ written out: one per request, on the hot path
-        # (bench/RESULTS.md, "core root init").
         self._parent = parent
-        self._link = None
-        self._err = None
-        self._cause = None
-        self._children = None
-        self._done = None
-        self._dnode = None
-        self._timer = None
         self._when = _INF if deadline is None else deadline
-        self._deadline_cause = None
         #: What answers values first (the adapter's request object, say).
         self.source = source
         if type(parent) is not _EmptyCtx:
@@ -685,14 +679,14 @@ class RootContext(_TimerCtx):
             # Nothing derived, no timer, nothing to unlink from (most
             # requests): mark it done, no more (bench/RESULTS.md, "root end").
             err = Canceled()
-            _lock.acquire()  # (not `with`: see _lock)
-            try:
-                if self._err is None and self._children is None and self._timer is None:
-                    self._cause = err  # (cause before err: cause() reads them unlocked)
-                    self._err = err
-                    return
-            finally:
+            # (No try/finally: nothing between acquire and release can raise.)
+            _lock.acquire()
+            if self._err is None and self._children is None and self._timer is None:
+                self._cause = err  # (cause before err: cause() reads them unlocked)
+                self._err = err
                 _lock.release()
+                return
+            _lock.release()
         self._cancel(True, Canceled(), None)
 
     def deadline(self) -> float | None:
