@@ -39,6 +39,7 @@ from ._core import (
 )
 from ._integrations._logging import RequestContextFilter, add_request_context
 from ._request import set_request_timeout
+from ._wsgi import WSGIContextMiddleware
 
 __all__ = [
     "ContextTransport",
@@ -60,6 +61,7 @@ __all__ = [
     "REQUEST_ID",
     "ClientDisconnected",
     "ContextMiddleware",
+    "WSGIContextMiddleware",
     "Secret",
     "route_timeout",
     "set_request_timeout",

@@ -176,6 +176,16 @@ class Request:
         # HTTP/1.x without framing headers: no body. HTTP/2: unknown.
         return not self._chunked and not self.body_may_stream
 
+    def body_size(self) -> int | None:
+        """The body's size as the headers declare it: 0 for none (HTTP/1.x
+        without framing headers), the Content-Length, or None if unknown
+        (chunked, an unframed HTTP/2 body, an invalid length)."""
+        length = self._length
+        if length is not None:
+            length = length.strip()
+            return int(length) if length.isdigit() and len(length) <= 18 else None
+        return None if self._chunked or self.body_may_stream else 0
+
     # -- the values the root answers (RootContext's ValueSource) ---------------
 
     def get(self, key: Any, default: Any) -> Any:

@@ -1,0 +1,406 @@
+"""One WSGI request going through the middleware: the request layer's Request,
+plus ``start_response``, the response iterable and the disconnect watch."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from types import TracebackType
+from typing import Any
+
+from .._core import (
+    CURRENT_CONTEXT,
+    ClientDisconnected,
+    ContextError,
+    DeadlineExceeded,
+    cause,
+)
+from .._request import EAGER_BODY_LIMIT, Request, RequestConfig
+from ._environ import EnvironHeaders, client_probe
+from ._watcher import watcher
+
+__all__ = ["ENVIRON_KEY", "StartResponse", "WsgiRequest"]
+
+_log = logging.getLogger("ctxmiddleware")
+
+ENVIRON_KEY = "ctxmiddleware.context"
+"""Where the request's context is in the environ."""
+
+Environ = MutableMapping[str, Any]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+
+_STATUS_TEXT = {
+    499: "Client Closed Request",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def _status_line(status: int) -> str:
+    return f"{status} {_STATUS_TEXT.get(status, 'Error')}"
+
+
+def _discard(data: bytes) -> None:
+    """The ``write`` of a response the middleware replaced."""
+
+
+class _BodyWatch:
+    """``wsgi.input`` for a body too large to read ahead: starts the disconnect
+    watch once the app has read the whole body (Go's rule)."""
+
+    def __init__(self, raw: Any, left: int | None, request: WsgiRequest) -> None:
+        self._raw = raw
+        self._left = left  # None: chunked, until a read returns b""
+        self._request: WsgiRequest | None = request
+
+    def _got(self, data: bytes, asked: int | None) -> bytes:
+        request = self._request
+        if request is not None:
+            if self._left is not None:
+                self._left -= len(data)
+                if self._left <= 0:
+                    self._request = None
+                    request.body_read()
+            elif not data and asked != 0:
+                self._request = None
+                request.body_read()
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._got(self._raw.read(), None)
+        return self._got(self._raw.read(size), size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data = self._raw.readline() if size is None or size < 0 else self._raw.readline(size)
+        return self._got(data, size)
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines = self._raw.readlines(hint) if hint and hint > 0 else self._raw.readlines()
+        for line in lines:
+            self._got(line, -1)
+        if hint is None or hint <= 0:
+            self._got(b"", -1)
+        return list(lines)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+class WsgiRequest(Request):
+    """One request under :class:`WSGIContextMiddleware` (also the response
+    iterable the server gets: one object per request)."""
+
+    fd = -1
+    probe: Callable[[], bool] | None = None
+    watched = False
+    finished = False
+    started = False
+    replaced = False
+    sent_body = False
+    expect: int = -1  # the response's Content-Length, -1 if none
+    _it: Iterator[bytes] | None = None
+    _inner: Any = None
+    _answer: bytes | None = None
+    server_start_response: StartResponse
+
+    def __init__(
+        self,
+        config: RequestConfig,
+        environ: Environ,
+        headers: EnvironHeaders,
+    ) -> None:
+        Request.__init__(
+            self, config, environ.get("REMOTE_ADDR"), headers.pairs(environ), False, environ
+        )
+        self.environ: Environ | None = environ
+
+    # -- watching ------------------------------------------------------------
+
+    def begin(self, environ: Environ) -> None:
+        """The app is about to run: arm the deadline, watch the client once the
+        body is read (short bodies are read ahead)."""
+        self.root.arm()
+        fd, probe = client_probe(environ)
+        if fd < 0 and probe is None:
+            return
+        self.fd = fd
+        self.probe = probe
+        size = self.body_size()
+        if size == 0:
+            self.body_read()  # no body
+            return
+        if size is not None and size <= EAGER_BODY_LIMIT:
+            # A short body is read ahead (the server has it, or will in a
+            # moment), so that a client leaving while the app does not read
+            # its body is seen.
+            environ["wsgi.input"] = io.BytesIO(environ["wsgi.input"].read(size))
+            self.body_read()
+            return
+        left = size
+        environ["wsgi.input"] = _BodyWatch(environ["wsgi.input"], left, self)
+
+    def body_read(self) -> None:
+        if self.finished or self.watched:
+            return
+        self.watched = True
+        if self.fd >= 0:
+            if not watcher().watch_fd(self.fd, self):
+                self.fd = -1
+        elif self.probe is not None:
+            watcher().watch_probe(self.probe, self)
+
+    def client_left(self) -> None:
+        """The watcher saw the client go (its thread)."""
+        if self.complete or self.finished:
+            return
+        root = getattr(self, "root", None)
+        if root is None:
+            return
+        self.client_gone = True
+        root.cancel(ClientDisconnected())
+
+    # -- the response --------------------------------------------------------
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        if self.replaced:
+            return _discard
+        code = int(status[:3])
+        if code == 500 and self.root.err() is not None and self._answer is None:
+            # The app's error handler made a 500 of the request's own
+            # cancellation (or a ctx.err() it raised): answer as if it had
+            # reached us.
+            self.replaced = True
+            if exc_info is None:
+                current_exc = sys.exc_info()[1]
+                if current_exc is not None:
+                    exc_info = (type(current_exc), current_exc, current_exc.__traceback__)
+            self._answer = self.answer_done(exc_info)
+            return _discard
+        rid_name = self.config.request_id_header
+        rid_str = rid_name.decode("latin-1")
+        out = []
+        for item in headers:
+            name = item[0].lower()
+            if name == rid_str:
+                continue
+            if name == "content-length":
+                value = item[1].strip()
+                self.expect = int(value) if value.isdigit() else -1
+            out.append(item)
+        out.append((rid_str, self.request_id))
+        self.status = code
+        self.started = True
+        environ = self.environ
+        if self.expect == 0 or (environ is not None and environ.get("REQUEST_METHOD") == "HEAD"):
+            self.complete = True  # nothing (more) to send after the headers
+        return self.server_start_response(status, out, exc_info)
+
+    def answer_done(self, exc_info: ExcInfo | None) -> bytes:
+        """The root is done and the app gave up: the timeout status for a
+        deadline, 499 after a disconnect (nobody reads it). Returns the body."""
+        config = self.config
+        if isinstance(self.root.err(), DeadlineExceeded) and not self.client_gone:
+            code, body = config.timeout_status, config.timeout_body
+            self.answered_timeout = True
+        else:
+            code, body = 499, b""
+        self.status = code
+        rid = self.config.request_id_header.decode("latin-1")
+        self.server_start_response(
+            _status_line(code),
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                (rid, self.request_id),
+            ],
+            exc_info,
+        )
+        return body
+
+    def answer_plain(self, code: int, body: bytes, exc_info: ExcInfo | None) -> list[bytes]:
+        rid = self.config.request_id_header.decode("latin-1")
+        self.status = code
+        self.server_start_response(
+            _status_line(code),
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                (rid, self.request_id),
+            ],
+            exc_info,
+        )
+        return [body]
+
+    def app_raised(self, exc: BaseException) -> list[bytes]:
+        """The app raised ``exc`` from its call: answer (and end the request), or
+        re-raise it."""
+        try:
+            root = self.root
+            err = root.err()
+            if isinstance(exc, Exception):
+                if err is not None and (
+                    isinstance(exc, ContextError) or isinstance(cause(root), ClientDisconnected)
+                ):
+                    if not isinstance(exc, ContextError):
+                        _log.debug("ctxmiddleware: error while cancelled", exc_info=True)
+                    exc_info = (type(exc), exc, exc.__traceback__) if self.started else None
+                    return [self.answer_done(exc_info)]
+                self.failed = True
+                if not self.started:
+                    _log.error(
+                        "ctxmiddleware: unhandled error request_id=%s",
+                        self.request_id, exc_info=exc,
+                    )
+                    return self.answer_plain(500, b"Internal Server Error", None)
+            else:
+                self.cancelled_from_outside = True
+            raise exc
+        finally:
+            self.finish()
+
+    def respond(self, result: Iterable[bytes]) -> WsgiRequest | list[bytes]:
+        """The app returned ``result``: the iterable the server gets."""
+        if self._answer is not None:
+            # We answered for the app (its 500 for our cancellation).
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+            body = self._answer
+            self.finish()
+            return [body]
+        self._inner = result
+        self._it = iter(result)
+        return self
+
+    def __iter__(self) -> WsgiRequest:
+        return self
+
+    def __next__(self) -> bytes:
+        it = self._it
+        if it is None:
+            if self._answer is not None:
+                body = self._answer
+                self._answer = b""
+                if body:
+                    return body
+            raise StopIteration
+        root = self.root
+        err = root.err()
+        if err is not None and not self.complete:
+            return self._stop_early()
+        token = CURRENT_CONTEXT.set(root)
+        try:
+            chunk = next(it)
+        except StopIteration:
+            self.complete = True
+            raise
+        except Exception as exc:
+            if root.err() is not None and (
+                isinstance(exc, ContextError) or isinstance(cause(root), ClientDisconnected)
+            ):
+                return self._stop_early(exc)
+            self.failed = True
+            raise
+        finally:
+            CURRENT_CONTEXT.reset(token)
+        if chunk:
+            self.sent_body = True
+            expect = self.expect
+            if expect > 0:
+                expect -= len(chunk)
+                self.expect = expect
+                if expect <= 0:
+                    # Mark it complete before the server sends the last bytes:
+                    # a client that closes on reading them has not left early.
+                    self.complete = True
+        return chunk
+
+    def _stop_early(self, exc: BaseException | None = None) -> bytes:
+        """The root is done while the response is under way: stop the app's
+        iterable; answer the deadline if nothing was sent yet, else abort."""
+        self._it = None
+        self._close_inner()
+        root = self.root
+        err = root.err()
+        if self.client_gone or isinstance(cause(root), ClientDisconnected):
+            raise StopIteration  # nobody to send to
+        if not self.sent_body:
+            info: ExcInfo | None = None
+            if self.started:
+                e = exc if exc is not None else err
+                assert e is not None
+                info = (type(e), e, e.__traceback__)
+            try:
+                body = self.answer_done(info)
+            except Exception:  # the headers went out already
+                pass
+            else:
+                if body:
+                    return body
+                raise StopIteration
+        # The response started: abort it (never a response that looks whole).
+        assert err is not None
+        raise err
+
+    def _close_inner(self) -> None:
+        inner = self._inner
+        self._inner = None
+        close = getattr(inner, "close", None)
+        if close is not None:
+            token = CURRENT_CONTEXT.set(self.root)
+            try:
+                close()
+            finally:
+                CURRENT_CONTEXT.reset(token)
+
+    def close(self) -> None:
+        """The server is done with the response (Go's ServeHTTP return)."""
+        if self.finished:
+            return
+        try:
+            self._close_inner()
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.watched:
+            if self.fd >= 0:
+                watcher().unwatch_fd(self.fd, self)
+            elif self.probe is not None:
+                watcher().unwatch_probe(self)
+        self.probe = None
+        self._it = None
+        environ = self.environ
+        self.environ = None
+        root = self.root
+        err_before = root.err()
+        token = CURRENT_CONTEXT.set(root)
+        try:
+            if environ is not None:
+                self.end(environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            else:
+                self.end(None, None)
+        finally:
+            CURRENT_CONTEXT.reset(token)
+        if err_before is not None:
+            # Break the cycle error -> traceback -> frames -> request.
+            err_before.__traceback__ = None
+            err_before.__context__ = None
+            err_before.__cause__ = None
