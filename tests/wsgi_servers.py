@@ -52,8 +52,14 @@ def serve_wsgi(
 ) -> Iterator[RunningServer]:
     """Serve ``app_ref`` ("module:attr") with ``kind`` until the block exits."""
     port = _free_port()
-    if kind.startswith("gunicorn") or kind == "uwsgi":
-        if kind == "uwsgi":
+    if kind.startswith("gunicorn") or kind in ("uwsgi", "uvicorn"):
+        if kind == "uvicorn":  # an ASGI app (Django's ASGI handler)
+            cmd = [
+                sys.executable, "-m", "uvicorn", app_ref, "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "warning", "--no-proxy-headers",
+                "--no-access-log", "--lifespan", "off",
+            ]
+        elif kind == "uwsgi":
             module, attr = app_ref.split(":")
             cmd = [
                 str(BIN / "uwsgi") if (BIN / "uwsgi").exists() else "uwsgi",
