@@ -675,18 +675,8 @@ class RootContext(_TimerCtx):
 
     def end(self) -> None:
         """The unit of work is over: cancel with :class:`Canceled` (no cause)."""
-        if self._children is None and self._timer is None and self._link is None:
-            # Nothing derived, no timer, nothing to unlink from (most
-            # requests): mark it done, no more (bench/RESULTS.md, "root end").
-            err = Canceled()
-            # (No try/finally: nothing between acquire and release can raise.)
-            _lock.acquire()
-            if self._err is None and self._children is None and self._timer is None:
-                self._cause = err  # (cause before err: cause() reads them unlocked)
-                self._err = err
-                _lock.release()
-                return
-            _lock.release()
+        # (A fast path for roots nothing was derived from saved 600
+        # instructions per request: not worth a second cancel path.)
         self._cancel(True, Canceled(), None)
 
     def deadline(self) -> float | None:
