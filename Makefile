@@ -6,9 +6,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # Development and test tools: ruff, mypy, import-linter, pytest, servers, drivers.
 VENV     := .venv
 # What example_app imports: Starlette, uvicorn, httpx (/fanout), asyncpg
-# (DATABASE_URL) and anyio (SQLite in a worker thread; the DB helpers).
+# (DATABASE_URL) and anyio (SQLite in a worker thread; the DB helpers); Flask,
+# gunicorn and psycopg for `python -m example_app --wsgi`.
 RUN_VENV := .venv-run
-RUN_DEPS := '.[starlette,asyncpg,httpx,sqlite]' 'uvicorn>=0.30'
+RUN_DEPS := '.[starlette,asyncpg,httpx,sqlite,flask,psycopg]' 'uvicorn>=0.30' 'gunicorn>=22'
 
 .PHONY: run test lint bench clean
 

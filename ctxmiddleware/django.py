@@ -67,11 +67,19 @@ def _answer(request: Request) -> HttpResponse:
     config = request.config
     if isinstance(request.root.err(), DeadlineExceeded) and not request.client_gone:
         request.answered_timeout = True
-        return HttpResponse(
+        response = HttpResponse(
             config.timeout_body, status=config.timeout_status,
             content_type="text/plain; charset=utf-8",
         )
-    return HttpResponse(b"", status=499, content_type="text/plain; charset=utf-8")
+    else:
+        response = HttpResponse(
+            b"", status=499, reason="Client Closed Request",
+            content_type="text/plain; charset=utf-8",
+        )
+    # Our own log line says what happened (499, or the deadline with its
+    # cause): not Django's "Gateway Timeout: /path" warning too.
+    response._has_been_logged = True
+    return response
 
 
 class _DjangoWsgiRequest(WsgiRequest):

@@ -1,9 +1,11 @@
-"""``python -m example_app``: serve the demo on http://127.0.0.1:8000."""
+"""``python -m example_app``: serve the demo on http://127.0.0.1:8000
+(``--wsgi``: the same endpoints through Flask under gunicorn)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import uvicorn
 
@@ -21,6 +23,11 @@ def main() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    if "--wsgi" in sys.argv[1:]:  # the same demo through Flask under gunicorn
+        from .wsgi import serve
+
+        serve(os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8000")))
+        return
     uvicorn.run(
         "example_app.app:app",
         host=os.environ.get("HOST", "127.0.0.1"),

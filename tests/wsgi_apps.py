@@ -40,6 +40,7 @@ MY_KEY: Key[str] = Key("my_key")
 def record(tag: str, name: str, **data: Any) -> None:
     path = os.path.join(EVENTS, f"{tag}.{name}")
     tmp = path + f".tmp{threading.get_ident()}"
+    data.setdefault("t", time.monotonic())  # (CLOCK_MONOTONIC: one clock for all processes)
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)
