@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import os
 import re
 import sys
 import time
@@ -48,48 +49,74 @@ sys.path.insert(0, str(BENCH))
 import bench_overhead as bo  # noqa: E402
 
 PATCHES = {
-    "stock": "as shipped (1 ms grace, shared ticker)",
-    "noticker": "ticker never scheduled: hot path only",
-    "tickonly": "ticks, but grace over = flag only (no scope/timer/watcher)",
-    "nowatcher": "ticks + CancelScope/deadline timer, no watcher task",
+    "stock": "as shipped (1 ms grace)",
+    "noticker": "grace timer never set: hot path only",
+    "tickonly": "grace timer runs, but grace over = nothing (no scope/timer/watcher)",
+    "nowatcher": "grace timer + cancel hook/deadline timer, no watcher task",
     "grace0": "disconnect_grace=0: every request watches at once",
 }
-COUNTED = ["tick", "_grace_over", "_start_watching", "_watch", "_end"]
+# What is counted per request: the timer/check callbacks, start_watching, the
+# watcher task, the requests.
+COUNTED = ["tick", "check", "start_watching", "watcher", "end"]
 
 
 def apply_patch(patch: str) -> None:
+    """Patch the middleware of either layout: before the _request/_asgi split
+    (ctxmiddleware._web._asgi, _GraceTicker) or after it (_asgi._watch.Watchdog)."""
     from ctxmiddleware import ContextMiddleware
-    from ctxmiddleware._web import _asgi as web
 
     def stub(obj: Any, name: str, value: Any) -> None:
         if not hasattr(obj, name):
             raise SystemExit(f"{obj.__name__}.{name} is gone: the probe needs updating")
         setattr(obj, name, value)
 
-    if patch in ("stock", "count"):
-        pass
-    elif patch == "noticker":
-        stub(web._GraceTicker, "schedule", lambda self: None)
-    elif patch == "tickonly":
-        stub(web._HttpRequest, "_grace_over", lambda self: setattr(self, "grace_over", True))
-        stub(web._HttpRequest, "_start_watcher", lambda self: None)
-    elif patch == "nowatcher":
-        stub(web._HttpRequest, "_start_watcher", lambda self: None)
-    elif patch == "grace0":
+    try:
+        from ctxmiddleware._web import _asgi as web
+    except ImportError:
+        web = None
+    counted: dict[str, tuple[Any, str]]
+    if web is not None:  # old layout: one shared ticker, per-request _grace_over
+        ticker, req = web._GraceTicker, web._HttpRequest
+        patches = {
+            "noticker": [(ticker, "schedule", lambda self: None)],
+            "tickonly": [(req, "_grace_over", lambda self: setattr(self, "grace_over", True)),
+                         (req, "_start_watcher", lambda self: None)],
+            "nowatcher": [(req, "_start_watcher", lambda self: None)],
+        }
+        counted = {"tick": (ticker, "tick"), "start_watching": (req, "_start_watching"),
+                   "watcher": (req, "_watch"), "end": (req, "_end")}
+    else:  # new layout: Watchdog (call_soon check, then a timer), AsgiRequest
+        from ctxmiddleware._asgi._exchange import AsgiRequest as req
+        from ctxmiddleware._asgi._watch import Watchdog as dog
+
+        def check_only(self: Any) -> None:
+            self.check_scheduled = False
+            self.fresh = []
+
+        patches = {
+            "noticker": [(dog, "check", check_only)],
+            "tickonly": [(req, "start_watching", lambda self: None)],
+            "nowatcher": [(req, "start_watcher", lambda self: None)],
+        }
+        counted = {"tick": (dog, "grace_over"), "check": (dog, "check"),
+                   "start_watching": (req, "start_watching"),
+                   "watcher": (req, "watch_receive"), "end": (req, "finish")}
+    if patch == "grace0":
         defaults = ContextMiddleware.__init__.__kwdefaults__
         assert defaults is not None and "disconnect_grace" in defaults
         defaults["disconnect_grace"] = 0.0
-    else:
+    elif patch in patches:
+        for obj, name, value in patches[patch]:
+            stub(obj, name, value)
+    elif patch not in ("stock", "count"):
         raise SystemExit(f"unknown patch {patch!r}")
     if patch == "count":
-        counts: Counter[str] = Counter()
-        for cls, name in [(web._GraceTicker, "tick"), (web._HttpRequest, "_grace_over"),
-                          (web._HttpRequest, "_start_watching"), (web._HttpRequest, "_watch"),
-                          (web._HttpRequest, "_end")]:
+        counts: Counter[str] = Counter({k: 0 for k in COUNTED})
+        for key, (cls, name) in counted.items():
             orig = getattr(cls, name)
 
-            def counting(*args: Any, _orig: Any = orig, _name: str = name) -> Any:
-                counts[_name] += 1
+            def counting(*args: Any, _orig: Any = orig, _key: str = key) -> Any:
+                counts[_key] += 1
                 return _orig(*args)
 
             stub(cls, name, counting)
@@ -102,7 +129,7 @@ def serve_main(argv: list[str]) -> None:
     p.add_argument("--port", type=int, required=True)
     a = p.parse_args(argv)
     variant, _, patch = a.serve.partition(":")
-    sys.path.insert(0, str(bo.ROOT))
+    sys.path.insert(0, str(bo.SRC))
     apply_patch(patch or "stock")
     bo.run_uvicorn(bo.build_app(variant), a.port)
 
@@ -121,7 +148,7 @@ def counts_per_request(
 
     base, loaded = run(0), run(requests)
     n = requests // connections * connections
-    return {k: (loaded[k] - base[k]) / n for k in COUNTED}
+    return {k: (loaded.get(k, 0) - base.get(k, 0)) / n for k in COUNTED}
 
 
 def main() -> None:
@@ -135,7 +162,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--conns", default="1,8")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--src", type=Path,
+                   help="import ctxmiddleware from DIR (a snapshot) instead of this checkout")
     args = p.parse_args()
+    if args.src is not None:
+        bo.SRC = args.src.resolve()
+        os.environ["CTXMW_BENCH_SRC"] = str(bo.SRC)
     conns = sorted({int(c) for c in args.conns.split(",")})
     if args.requests < max(800, 100 * conns[-1]):
         raise SystemExit("--requests: at least 800, and 100 per connection")

@@ -42,8 +42,8 @@ Method (the machine is shared and noisy):
   Slowdowns caused outside this VM do not show up there: hence the
   5 interleaved rounds, medians, and the "best-slot" ratio.
 * ``--inprocess``: the per-request CPU time of the same apps called in-process
-  (no server, no sockets), see ``inprocess()``; ``--ablate``: what each piece
-  of ContextMiddleware costs, see ``ablate()``; ``--instructions``: the server
+  (no server, no sockets), see ``inprocess()``; what each hot-path trick
+  saves: ``bench/bench_hotpath.py``; ``--instructions``: the server
   instructions per request counted by valgrind at 1 and 8 keep-alive
   connections (``--conns``, ``--requests``), a ratio immune to the noise (see
   ``instructions()``; ``bench/bench_grace_probe.py`` splits ContextMiddleware's
@@ -80,6 +80,10 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+# Where the package under test is imported from: this checkout, or (--src DIR,
+# exported to the servers as CTXMW_BENCH_SRC) a snapshot of it, e.g.
+# ``git archive HEAD ctxmiddleware | tar -x -C /tmp/snap`` while others edit.
+SRC = Path(os.environ.get("CTXMW_BENCH_SRC") or ROOT).resolve()
 VENV = BENCH / ".venv-peers"
 OUT = BENCH / "out"
 
@@ -232,10 +236,11 @@ def versions() -> dict[str, str]:
         capture_output=True, text=True,
     ).stdout.strip()
     digest = hashlib.sha256()
-    for f in sorted((ROOT / "ctxmiddleware").rglob("*.py")):
+    for f in sorted((SRC / "ctxmiddleware").rglob("*.py")):
         digest.update(f.read_bytes())
     out["ctxmiddleware"] = (
-        f"checkout {rev}" + (" + uncommitted changes" if dirty else "")
+        (f"snapshot {SRC}, " if SRC != ROOT else "") + f"checkout {rev}"
+        + (" + uncommitted changes" if dirty else "")
         + f", sources sha256 {digest.hexdigest()[:12]}"
     )
     return out
@@ -315,7 +320,7 @@ def run_server(app: Any, kind: str, port: int) -> None:
 def start_server(script: Path, args: list[str], cpu: int = 0) -> tuple[subprocess.Popen[Any], int]:
     """Start ``script --serve ...`` pinned to ``cpu``; return (process, port)."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(SRC))
     cmd = ["taskset", "-c", str(cpu), sys.executable, str(script), "--serve", *args]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env)
     wait_port(port, proc)
@@ -332,7 +337,7 @@ def server_process(
     block has exited and the server has stopped.
     """
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(SRC))
     cmd = ["taskset", "-c", "0", sys.executable, str(script), "--serve", *args]
     log: list[str] = []
     with tempfile.TemporaryFile() as err:
@@ -389,9 +394,8 @@ class MinimalContextMiddleware:
     a lower bound for what ContextMiddleware does, not an alternative to it."""
 
     def __init__(self, app: Any) -> None:
-        from ctxmiddleware._web._values import new_request_id
-
         import ctxmiddleware
+        from ctxmiddleware._request import new_request_id
 
         self.app = app
         self.api = ctxmiddleware
@@ -857,7 +861,7 @@ def inprocess(variants: list[str], rounds: int, n: int) -> list[dict[str, Any]]:
                 costs[v].append(await _inproc_batch(apps[v], n))
         return costs
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(SRC))
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {0})
     if has_uvloop():
@@ -887,149 +891,6 @@ def render_inprocess(rows: list[dict[str, Any]], markdown: bool) -> str:
         for r in rows
     ]
     return render_table(head, body, markdown)
-
-
-# -- ablation: where ContextMiddleware's per-request time goes ----------------------
-# ContextMiddleware around a trivial ASGI app (start + body), each request's
-# coroutine driven directly (no loop round trip), CPU time (thread_time_ns) per
-# request, min over many short repetitions; then again with one piece stubbed
-# out at a time. "saves" = what that piece costs. The stubs patch private names
-# of ctxmiddleware: one whose target is gone is reported as skipped.
-
-_START = {"type": "http.response.start", "status": 200,
-          "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"2")]}
-_BODY = {"type": "http.response.body", "body": b"ok"}
-
-
-def ablate(reps: int = 200, n: int = 2000) -> list[tuple[str, float | None]]:
-    sys.path.insert(0, str(ROOT))
-    from ctxmiddleware._web import _asgi as web
-
-    from ctxmiddleware import ContextMiddleware
-
-    async def receive() -> dict[str, Any]:
-        return _REQUEST_MSG
-
-    async def send(message: Any) -> None:
-        pass
-
-    async def trivial(scope: Any, receive: Any, send: Any) -> None:
-        # Fresh messages, as Starlette builds them (middlewares may edit them).
-        await send(dict(_START, headers=list(_START["headers"])))
-        await send(dict(_BODY))
-
-    def cost(app: Any) -> float:
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.thread_time_ns()
-            for _ in range(n):
-                coro = app(dict(_INPROC_SCOPE, state={}), receive, send)
-                with contextlib.suppress(StopIteration):
-                    coro.send(None)
-            best = min(best, time.thread_time_ns() - t0)
-        return best / n / 1000
-
-    class NoScope:
-        cancel_called = False
-
-        def __init__(self, ctx: Any) -> None:
-            pass
-
-        def _enter(self) -> None:
-            pass
-
-        def _exit(self, *exc: Any) -> None:
-            pass
-
-        def _disarm(self) -> bool:
-            return True
-
-    async def passthrough(self: Any, message: Any) -> None:
-        if message["type"] == "http.response.body":
-            self._response_complete()
-        await self.server_send(message)
-
-    class NoVar:
-        def set(self, value: Any) -> None:
-            return None
-
-        def reset(self, token: Any) -> None:
-            pass
-
-    mw = ContextMiddleware(trivial, timeout=30)
-    rid = "0123456789abcdef0123456789abcdef"
-    stubs: dict[str, list[tuple[Any, str, Any]]] = {
-        "CancelScope(root) + _enter() + _exit()": [(web, "CancelScope", NoScope)],
-        "new_request_id()": [(web, "new_request_id", lambda: rid)],
-        "header scan": [(web._Request, "_scan_headers", lambda self, h: None)],
-        "send() wrapper (2 messages)": [(web._HttpRequest, "send", passthrough)],
-        "root._cancel() at the end": [
-            (web._HttpRequest, "_cancel", lambda self, remove, err, cause: None)],
-        "ContextVar set + reset": [(web, "_current", NoVar())],
-        "_end() but its grace bookkeeping (cancel, let go)": [
-            (web._HttpRequest, "_end", lambda self, scope: self.ticker.pending.pop(self))],
-    }
-
-    async def run() -> list[tuple[str, float | None]]:
-        rows: list[tuple[str, float | None]] = []
-        base = cost(trivial)
-        rows.append(("trivial app alone", base))
-        rows.append(("naive asyncio.timeout(30) middleware", cost(NaiveTimeoutMiddleware(trivial))))
-        full = cost(mw)
-        rows.append(("ContextMiddleware", full))
-        every: list[tuple[Any, str, Any]] = []
-        for name, patches in stubs.items():
-            if not all(hasattr(obj, attr) for obj, attr, _ in patches):
-                rows.append((f"  - {name}: skipped (not found)", None))
-                continue
-            with contextlib.ExitStack() as stack:
-                for obj, attr, value in patches:
-                    stack.enter_context(_patched(obj, attr, value))
-                rows.append((f"  - {name}", cost(mw)))
-            if "new_request_id" not in name and "_end()" not in name:
-                every += patches
-        with contextlib.ExitStack() as stack:
-            for obj, attr, value in every:
-                stack.enter_context(_patched(obj, attr, value))
-            rows.append(("  - all of the above (rest: construction, run() frame)", cost(mw)))
-        return rows
-
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, {0})
-    loop_run = asyncio.run
-    if has_uvloop():
-        import uvloop
-
-        loop_run = uvloop.run
-
-    async def in_task() -> list[tuple[str, float | None]]:
-        return await asyncio.get_running_loop().create_task(run())
-
-    return loop_run(in_task())
-
-
-@contextlib.contextmanager
-def _patched(obj: Any, attr: str, value: Any) -> Iterator[None]:
-    old = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, old)
-
-
-def render_ablation(rows: list[tuple[str, float | None]], markdown: bool) -> str:
-    base = rows[0][1] or 0.0
-    full = next(c for name, c in rows if name == "ContextMiddleware") or 0.0
-    body = []
-    for name, c in rows:
-        if c is None:
-            body.append([name, "-", "-"])
-        elif name.startswith("  - "):
-            body.append([name.replace("  - ", "without ", 1), f"{c:.2f}", f"saves {full - c:.2f}"])
-        else:
-            body.append([name, f"{c:.2f}", f"+{c - base:.2f} vs trivial app"])
-    return render_table(["variant", "CPU us/req (min)", "difference"], body, markdown)
 
 
 # -- instructions: a noise-free ratio ----------------------------------------------
@@ -1107,7 +968,7 @@ def serve_measured(
     it up, send ``requests`` over ``connections``, stop it; return (instructions
     the whole process executed, 0 without valgrind; its stderr)."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONHASHSEED="0")
+    env = dict(os.environ, PYTHONPATH=str(SRC), PYTHONHASHSEED="0")
     tool = (["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
             if valgrind else [])
     with tempfile.TemporaryFile() as err:
@@ -1324,7 +1185,7 @@ def serve_main(argv: list[str]) -> None:
     p.add_argument("--serve", required=True)
     p.add_argument("--port", type=int, required=True)
     a = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(SRC))
     run_uvicorn(build_app(a.serve), a.port)
 
 
@@ -1351,20 +1212,26 @@ def main() -> None:
                    help="only redraw --chart from bench/out/*.json")
     p.add_argument("--inprocess", action="store_true",
                    help="only the in-process CPU cost per request (no server, no wrk)")
-    p.add_argument("--ablate", action="store_true",
-                   help="only the per-piece cost breakdown of ContextMiddleware (in-process)")
     p.add_argument("--instructions", action="store_true",
                    help="only count server instructions per request under valgrind")
     p.add_argument("--requests", type=int, default=4000,
                    help="requests per variant and connection count for --instructions")
     p.add_argument("--conns", default="1,8",
                    help="--instructions: keep-alive connection counts, a column each")
+    p.add_argument("--src", type=Path,
+                   help="import ctxmiddleware from DIR (a snapshot) instead of this checkout")
     p.add_argument("--here", action="store_true",
                    help="run with this Python as it is (no bench/.venv-peers); variants "
                         "whose package is missing are skipped")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
 
+    if args.src is not None:
+        global SRC
+        SRC = args.src.resolve()
+        if not (SRC / "ctxmiddleware" / "__init__.py").exists():
+            raise SystemExit(f"--src {args.src}: no ctxmiddleware package there")
+        os.environ["CTXMW_BENCH_SRC"] = str(SRC)
     status = ensure_venv()
     if args.chart_only:
         draw_chart(args.chart or ROOT / "docs" / "overhead.png")
@@ -1401,16 +1268,6 @@ def main() -> None:
         print("\nratio = instructions/request of the variant's own bare app (column vs: (a) "
               "bare Starlette for (a)-(h), (i) or (k) bare FastAPI for (j) and (l)) / the "
               "variant's; added = the difference.")
-        return
-    if args.ablate:
-        t0 = time.monotonic()
-        ab_rows = ablate()
-        if args.markdown:
-            print("### Where ContextMiddleware's time goes (in-process ablation)\n")
-            print(f"`python bench/bench_overhead.py {' '.join(sys.argv[1:])}`, "
-                  f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
-                  f"min over 200 x 2,000 requests, {time.monotonic() - t0:.0f} s.\n")
-        print(render_ablation(ab_rows, args.markdown))
         return
     if args.inprocess:
         in_variants = pick_variants(args.variants or STARLETTE_VARIANTS, status,
