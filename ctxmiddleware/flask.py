@@ -14,7 +14,7 @@
         with ctxmiddleware.psycopg_transaction_sync(pool) as conn:   # stops with the request
             return conn.execute("SELECT ...").fetchall()
 
-The context is ``flask.g.ctx`` (and ``ctxmiddleware.current()``). Options are
+The context is ``flask.g.ctx`` (read-only; and ``ctxmiddleware.current()``). Options are
 ``WSGIContextMiddleware``'s, read from ``app.config`` as ``CTXMIDDLEWARE_<NAME>``
 (``CTXMIDDLEWARE_TIMEOUT``, ``CTXMIDDLEWARE_TRUSTED_PROXIES``, ...); keyword
 arguments to the extension are the defaults.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 
 from ._core import ContextError, root_of
 from ._wsgi import ENVIRON_KEY, WSGIContextMiddleware
@@ -65,12 +65,20 @@ class ContextExtension:
         middleware = WSGIContextMiddleware(app.wsgi_app, **options)
         app.wsgi_app = middleware  # type: ignore[method-assign]
         app.extensions["ctxmiddleware"] = middleware
-        app.before_request(_bind_g)
+        # g.ctx costs nothing until read: a property of the app's g class
+        # (a before_request hook would cost every request ~1% of a hello world).
+        base = app.app_ctx_globals_class
+        if not issubclass(base, _CtxGlobals):
+            app.app_ctx_globals_class = type("CtxGlobals", (_CtxGlobals, base), {})  # type: ignore[assignment]
         app.register_error_handler(ContextError, _context_error)
 
 
-def _bind_g() -> None:
-    g.ctx = request.environ.get(ENVIRON_KEY)
+class _CtxGlobals:
+    """Mixed into ``flask.g``'s class: ``g.ctx`` is the request's context."""
+
+    @property
+    def ctx(self) -> Any:
+        return request.environ.get(ENVIRON_KEY)
 
 
 def _context_error(exc: ContextError) -> Response:

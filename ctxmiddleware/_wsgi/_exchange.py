@@ -131,7 +131,14 @@ class WsgiRequest(Request):
     def begin(self, environ: Environ) -> None:
         """The app is about to run: arm the deadline, watch the client once the
         body is read (short bodies are read ahead)."""
-        self.root.arm()
+        # The deadline timer (the core's timer thread) is armed by the
+        # watcher thread once the disconnect grace is over, if the request is
+        # still running: most requests end before and never pay for it (their
+        # deadline is still enforced by err(), check() and done().wait()).
+        if self.urgent:
+            self.root.arm()
+        else:
+            watcher().note(self)
         fd, probe = client_probe(environ)
         if fd < 0 and probe is None:
             return
@@ -160,6 +167,17 @@ class WsgiRequest(Request):
                 self.fd = -1
         elif self.probe is not None:
             watcher().watch_probe(self.probe, self)
+
+    def grace_over(self) -> None:
+        """Still running after the grace period (the watcher's thread): arm the
+        deadline timer."""
+        root = getattr(self, "root", None)
+        if root is not None and not self.finished:
+            root.arm()
+
+    def deadline_moved(self) -> None:
+        if self.urgent and not self.finished:
+            self.root.arm()
 
     def client_left(self) -> None:
         """The watcher saw the client go (its thread)."""

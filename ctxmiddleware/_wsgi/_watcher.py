@@ -16,10 +16,13 @@ the watcher); unregistering another. The thread never blocks on a request.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
 import socket
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -37,7 +40,12 @@ _HANGUP = select.POLLHUP | select.POLLERR | _POLLRDHUP
 class Watched(Protocol):
     """What the watcher tells a request (the WSGI request)."""
 
+    arrival: float
+    finished: bool
+
     def client_left(self) -> None: ...
+
+    def grace_over(self) -> None: ...
 
 
 def _hung_up(fd: int) -> bool:
@@ -73,6 +81,10 @@ class Watcher:
         if self._epoll is not None:
             self._epoll.register(self._wake_r, select.EPOLLIN)
         self._poll_changed = True
+        # Requests in their grace period, oldest first (see note()).
+        self.fresh: deque[Watched] = deque()
+        self.grace = 0.001
+        self._fresh_noted = False
         self.thread = threading.Thread(
             target=self._run, name="ctxmiddleware-wsgi-watcher", daemon=True
         )
@@ -111,6 +123,15 @@ class Watcher:
         else:
             self._changed()
 
+    def note(self, request: Watched) -> None:
+        """``request`` started: call its ``grace_over()`` from this thread once
+        ``grace`` seconds have passed, if it has not finished by then (most
+        requests have: they never pay for a deadline timer)."""
+        self.fresh.append(request)
+        if not self._fresh_noted:
+            self._fresh_noted = True
+            self._wake()
+
     def watch_probe(self, probe: Callable[[], bool], request: Watched) -> None:
         """Ask ``probe()`` every PROBE_EVERY seconds for ``request`` (waitress)."""
         with self._lock:
@@ -139,8 +160,14 @@ class Watcher:
         wake_r = self._wake_r
         ep = self._epoll
         poller: select.poll | None = None
+        fresh = self.fresh
         while True:
             timeout = PROBE_EVERY if self.probes else None
+            if fresh:
+                wait = fresh[0].arrival + self.grace - time.monotonic()
+                wait = wait if wait > 0 else 0
+                if timeout is None or wait < timeout:
+                    timeout = wait
             if ep is not None:
                 events = ep.poll(-1 if timeout is None else timeout)
             else:
@@ -169,6 +196,8 @@ class Watcher:
                     # stop polling this fd, or it would spin.
                     self.by_fd.pop(fd, None)
                     self._poll_changed = True
+            if fresh:
+                self._grace(fresh)
             if self.probes:
                 with self._lock:
                     probes = list(self.probes.items())
@@ -181,6 +210,26 @@ class Watcher:
                         with self._lock:
                             self.probes.pop(request, None)
                         _tell(request)
+
+    def _grace(self, fresh: deque[Watched]) -> None:
+        limit = time.monotonic() - self.grace
+        while fresh:
+            request = fresh[0]
+            if request.finished:
+                fresh.popleft()
+            elif request.arrival <= limit:
+                fresh.popleft()
+                try:
+                    request.grace_over()
+                except Exception:
+                    logging.getLogger("ctxmiddleware").exception("ctxmiddleware: grace_over")
+            else:
+                return
+        # Empty: the next note() wakes us. (Checked again after clearing the
+        # flag: a request noted in between saw it still set and did not wake us.)
+        self._fresh_noted = False
+        if fresh:
+            self._fresh_noted = True
 
     def _gone(self, fd: int, request: Watched) -> None:
         if self.by_fd.get(fd) is request:
@@ -204,8 +253,6 @@ def _tell(request: Watched) -> None:
     try:
         request.client_left()
     except Exception:  # never kill the watcher
-        import logging
-
         logging.getLogger("ctxmiddleware").exception("ctxmiddleware: disconnect callback failed")
 
 
