@@ -32,15 +32,38 @@ from ._context import (
 )
 from ._driver_errors import async_errors_as_ctx_err, errors_as_ctx_err, raise_if_done
 from ._errors import Canceled, ContextError, DeadlineExceeded
-from ._keys import AUTH_TOKEN, CLIENT_IP, REQUEST_ID, ClientDisconnected, Secret
-from ._scope import CancelScope, TaskCancellation, redeliver_cancellation
-from ._wire import parse_budget_ms
+from ._stats import (
+    cancel_counts,
+    count_cancel,
+    downstream_call,
+    note_wait,
+    set_cancel_listener,
+    set_wait_observer,
+)
+from ._keys import AUTH_TOKEN, CLIENT_IP, REQUEST_ID, TRACEPARENT, ClientDisconnected, Secret
+from ._scope import (
+    CancelScope,
+    TaskCancellation,
+    cancellation_as_ctx_err,
+    redeliver_cancellation,
+)
+from ._wire import (
+    BUDGET_FORMATS,
+    format_grpc_timeout,
+    parse_budget,
+    parse_budget_ms,
+    parse_grpc_timeout,
+    parse_request_start,
+    parse_traceparent,
+)
 
 __all__ = [
     "AUTH_TOKEN",
+    "BUDGET_FORMATS",
     "CLIENT_IP",
     "CURRENT_CONTEXT",
     "REQUEST_ID",
+    "TRACEPARENT",
     "CancelCauseFunc",
     "CancelFunc",
     "CancelScope",
@@ -59,10 +82,16 @@ __all__ = [
     "async_errors_as_ctx_err",
     "background",
     "bind",
+    "cancellation_as_ctx_err",
     "cause",
     "current",
     "errors_as_ctx_err",
+    "format_grpc_timeout",
+    "parse_budget",
     "parse_budget_ms",
+    "parse_grpc_timeout",
+    "parse_request_start",
+    "parse_traceparent",
     "raise_if_done",
     "redeliver_cancellation",
     "root_of",
@@ -75,4 +104,14 @@ __all__ = [
     "with_timeout_cause",
     "with_value",
     "without_cancel",
+]
+
+# What the integrations report (issue 11: stats, the live requests page).
+__all__ += [
+    "cancel_counts",
+    "count_cancel",
+    "downstream_call",
+    "note_wait",
+    "set_cancel_listener",
+    "set_wait_observer",
 ]

@@ -23,13 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._context import Context
 
-__all__ = ["CancelScope", "TaskCancellation", "redeliver_cancellation"]
+__all__ = [
+    "CancelScope",
+    "TaskCancellation",
+    "cancellation_as_ctx_err",
+    "redeliver_cancellation",
+]
 
 _WATCHING, _CANCELLING, _DISARMED, _FINISHED = range(4)
 
@@ -149,6 +155,18 @@ class TaskCancellation:
         assert shared is not None
         if shared.claimed:
             return  # an inner cancellation took this one and raised already
+        if (
+            exc_type is None or not issubclass(exc_type, asyncio.CancelledError)
+        ) and _undelivered(task, shared, self):
+            # The work ended (returned, or failed on its own: the server's own
+            # statement timeout answering first, say) before our task.cancel()
+            # reached it, and an outer cancellation (the middleware's) waits
+            # on the same one: its CancelledError is still to come, at the
+            # task's next await. Leave it unclaimed, so that the outer one,
+            # redeliver_cancellation() or cancellation_as_ctx_err() knows it
+            # as ours (claimed and uncancelled here, it would look like a
+            # cancellation from elsewhere: a bare CancelledError).
+            return
         shared.claimed = True
         if _pending.get(task) is shared:
             del _pending[task]
@@ -162,6 +180,73 @@ class TaskCancellation:
             # err is shared by every cancellation on this context: start a
             # fresh traceback, or each raise would append to the last one's.
             raise err.with_traceback(None) from (why if why is not err else exc)
+
+
+def _undelivered(task: asyncio.Task[Any], shared: _TaskCancel, me: TaskCancellation) -> bool:
+    """``task.cancel()`` was called but its CancelledError not thrown yet, and
+    a cancellation other than ``me`` still waits on it."""
+    if not getattr(task, "_must_cancel", False):
+        return False
+    for ref in shared.holders:
+        holder = ref()
+        if holder is not None and holder is not me and holder._state == _CANCELLING:
+            return True
+    return False
+
+
+def cancellation_as_ctx_err(ctx: Context) -> AbstractAsyncContextManager[None]:
+    """Raise ``ctx.err()`` in place of a ``CancelledError`` that leaves the block
+    if it is our cancellation's (a :class:`TaskCancellation` on a done
+    context: the middleware's, a scope's) and ``ctx`` is done::
+
+        async with cancellation_as_ctx_err(ctx):
+            ...  # BEGIN, ROLLBACK: steps a cancellation may land in
+
+    For the database helpers: whichever fires first, the helper's own scope
+    or the middleware's, the caller sees ``ctx.err()`` (``DeadlineExceeded``,
+    ``Canceled``), never a bare ``CancelledError``. The cancellation is
+    claimed (``Task.uncancel()``), as the scope that issued it would have. A
+    ``CancelledError`` from elsewhere (server shutdown: a cancel request of
+    its own is pending) passes through untouched.
+    """
+    return _CancellationAsCtxErr(ctx)
+
+
+class _CancellationAsCtxErr:
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not isinstance(exc, asyncio.CancelledError):
+            return
+        ctx = self._ctx
+        err = ctx.err()
+        task = asyncio.current_task()
+        if err is None or task is None:
+            return
+        shared = _pending.get(task)
+        if shared is not None:
+            if shared.claimed or task.cancelling() != shared.count:
+                return
+            shared.claimed = True
+            del _pending[task]
+            task.uncancel()
+        elif task.cancelling():
+            return  # not ours: a cancel request from elsewhere is pending
+        # (else no cancel request is pending at all: ours, claimed by a scope
+        # that ended before its CancelledError was thrown.)
+        why = ctx._done_cause()
+        raise err.with_traceback(None) from (why if why is not err else exc)
 
 
 def redeliver_cancellation(task: asyncio.Task[Any]) -> bool:

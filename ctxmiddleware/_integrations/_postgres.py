@@ -35,7 +35,13 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
-from .._core import Context, async_errors_as_ctx_err, current, raise_if_done
+from .._core import (
+    Context,
+    async_errors_as_ctx_err,
+    cancellation_as_ctx_err,
+    current,
+    raise_if_done,
+)
 from ._guard import CommitOutcome, OutOfBandCancel, finish_uninterrupted, statement_timeout_ms
 
 __all__ = [
@@ -84,6 +90,14 @@ def _driver_cancel(driver_conn: Any) -> Callable[[], object]:
     raise TypeError(f"unsupported PostgreSQL connection: {type(driver_conn).__name__}")
 
 
+def _check_target(target: object, helper: str, expected: str, *attributes: str) -> None:
+    """A clear TypeError, at the call, for what is not a connection or pool
+    (a DSN string, say), rather than an AttributeError from inside."""
+    if isinstance(target, (str, bytes)) or not any(hasattr(target, a) for a in attributes):
+        hint = " (a DSN: open a pool or connection first)" if isinstance(target, str) else ""
+        raise TypeError(f"{helper}() takes {expected}, not {type(target).__name__}{hint}")
+
+
 def _set_local(ms: int) -> str:
     return f"SET LOCAL statement_timeout = {int(ms)}"
 
@@ -105,9 +119,19 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
     """
     ctx = current() if ctx is None else ctx
     statement_timeout_ms(ctx)  # fail fast, before touching the connection
+    _check_target(
+        conn_or_pool, "asyncpg_transaction", "an asyncpg Pool or Connection",
+        "acquire", "transaction",
+    )
     import asyncpg
 
-    async with CommitOutcome() as outcome, contextlib.AsyncExitStack() as stack:
+    # cancellation_as_ctx_err: a cancellation landing outside the helper's
+    # scope (during BEGIN, the ROLLBACK, the cancel's wait) still ends as ctx.err().
+    async with (
+        CommitOutcome() as outcome,
+        cancellation_as_ctx_err(ctx),
+        contextlib.AsyncExitStack() as stack,
+    ):
         conn = conn_or_pool
         if isinstance(conn_or_pool, asyncpg.Pool):
             # Waiting for the pool is part of the request's time.
@@ -200,7 +224,17 @@ async def psycopg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
     """
     ctx = current() if ctx is None else ctx
     statement_timeout_ms(ctx)
-    async with CommitOutcome() as outcome, contextlib.AsyncExitStack() as stack:
+    _check_target(
+        conn_or_pool, "psycopg_transaction", "a psycopg AsyncConnection or AsyncConnectionPool",
+        "pgconn", "connection",
+    )
+    # cancellation_as_ctx_err: a cancellation landing outside the helper's
+    # scope (during BEGIN, the ROLLBACK, the cancel's wait) still ends as ctx.err().
+    async with (
+        CommitOutcome() as outcome,
+        cancellation_as_ctx_err(ctx),
+        contextlib.AsyncExitStack() as stack,
+    ):
         conn = conn_or_pool
         if not hasattr(conn_or_pool, "pgconn"):
             async with async_errors_as_ctx_err(ctx), ctx.scope():
@@ -325,6 +359,10 @@ def psycopg_transaction_sync(conn_or_pool: Any, ctx: Context | None = None) -> I
 
     ctx = current() if ctx is None else ctx
     statement_timeout_ms(ctx)
+    _check_target(
+        conn_or_pool, "psycopg_transaction_sync", "a psycopg Connection or ConnectionPool",
+        "pgconn", "connection",
+    )
     try:
         with contextlib.ExitStack() as stack:
             conn = conn_or_pool
@@ -380,13 +418,24 @@ async def sqlalchemy_session(
 
     ctx = current() if ctx is None else ctx
     statement_timeout_ms(ctx)
+    if not isinstance(session_factory, AsyncEngine) and not callable(session_factory):
+        raise TypeError(
+            "sqlalchemy_session() takes an async_sessionmaker or an AsyncEngine,"
+            f" not {type(session_factory).__name__}"
+        )
     if isinstance(session_factory, AsyncEngine):
         engine = session_factory
 
         def session_factory() -> AsyncSession:
             return AsyncSession(engine, expire_on_commit=False)
 
-    async with CommitOutcome() as outcome, contextlib.AsyncExitStack() as stack:
+    # cancellation_as_ctx_err: a cancellation landing outside the helper's
+    # scope (during BEGIN, the ROLLBACK, the cancel's wait) still ends as ctx.err().
+    async with (
+        CommitOutcome() as outcome,
+        cancellation_as_ctx_err(ctx),
+        contextlib.AsyncExitStack() as stack,
+    ):
         session = await stack.enter_async_context(session_factory())
         async with (
             async_errors_as_ctx_err(ctx),
