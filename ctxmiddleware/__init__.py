@@ -38,7 +38,12 @@ from ._core import (
     without_cancel,
 )
 from ._integrations._logging import RequestContextFilter, add_request_context
-from ._request import set_request_timeout
+from ._request import (
+    request_id,
+    set_request_context,
+    set_request_timeout,
+    with_request_value,
+)
 from ._wsgi import WSGIContextMiddleware
 
 __all__ = [
@@ -64,7 +69,10 @@ __all__ = [
     "WSGIContextMiddleware",
     "Secret",
     "route_timeout",
+    "request_id",
+    "set_request_context",
     "set_request_timeout",
+    "with_request_value",
     "CancelCauseFunc",
     "CancelFunc",
     "CancelScope",

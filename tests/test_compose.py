@@ -91,3 +91,14 @@ def test_image_builds_with_the_readme_commands() -> None:
     assert "RUN make .venv-run/.installed" in dockerfile
     assert "$(VENV)/.installed:" in makefile
     assert "pip install" not in dockerfile
+
+
+def test_db_healthcheck_over_tcp_and_apps_restart() -> None:
+    """Issue 9, point 9: pg_isready without -h checks the Unix socket, which
+    answers during the image's init server; the apps restart if they start early."""
+    services = _compose()["services"]
+    check = services["db"]["healthcheck"]["test"]
+    assert check[check.index("-h") + 1] == "127.0.0.1"
+    for name in ("app", "backend"):
+        assert services[name]["restart"] in ("on-failure", "unless-stopped", "always"), name
+    assert "TRUSTED_PROXIES" not in services["backend"]["environment"]

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-from collections.abc import Callable
-from typing import Any
 
-from .._core import ClientDisconnected, ContextError, DeadlineExceeded, cause
+from .._core import ClientDisconnected, Context, ContextError, DeadlineExceeded, cause
 from .._request import Request
 from ._receive import ReceiveRelay
 from ._response import ResponseState, ResponseTracker
+from ._state import state_of
 from ._types import Message, Scope
 from ._watch import WatchControl, Watchdog
 
 __all__ = ["AsgiRequest"]
 
 _log = logging.getLogger("ctxmiddleware")
-
-_current_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
-if sys.version_info >= (3, 12):
-    _current_task = asyncio.current_task
-else:  # 3.11's asyncio.current_task() is Python code; its registry is a dict
-    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
-
-    _current_task = _current_tasks.get
 
 # ASGI spec_version -> is it 2.4 or later? Filled as versions are seen, so a
 # request costs one dict lookup (and a string compare would be wrong:
@@ -48,8 +38,8 @@ def sends_raise(version: object) -> bool:
 class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
     """The request layer's :class:`Request`, plus the ASGI jobs, each in its
     own mixin: the response tracker (``send``), the receive relay with the
-    disconnect watcher (``receive``), and the cancellation controller. One
-    object per request (bench/RESULTS.md, "one object per request")."""
+    disconnect watcher (``receive``), and the cancellation controller. The
+    jobs share one request's state, so they share one object."""
 
     app_done = False
     loop: asyncio.AbstractEventLoop
@@ -60,19 +50,21 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
     def begin(self, watchdog: Watchdog) -> None:
         """The app is about to run in the current task: note the request with the
         watchdog, or watch it now if its deadline comes before the grace ends."""
-        loop = self.loop = watchdog.loop
-        self.task = _current_task(loop)  # type: ignore[assignment]  # (we run in a task)
+        self.loop = watchdog.loop
+        self.task = asyncio.current_task(watchdog.loop)  # type: ignore[assignment]
         if self.urgent:
             self.start_watching()
-            return
-        watchdog.fresh.append(self)  # (Watchdog.note, written out: every request)
-        if not watchdog.check_scheduled:
-            watchdog.check_scheduled = True
-            loop.call_soon(watchdog.check)
+        else:
+            watchdog.note(self)
 
     def deadline_moved(self) -> None:
         if self.urgent and not self.watching:
             self.start_watching()
+
+    def context_swapped(self, ctx: Context) -> None:
+        state = state_of(self, getattr(self, "task", None))  # (rare: off the hot path)
+        if state is not None:
+            state["ctx"] = ctx
 
     def start_watching(self) -> None:
         if not self.app_done:
@@ -126,6 +118,11 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
             await self.answer_context_done()
             return True
         self.failed = True
+        # Whoever logs its traceback (the server, Starlette) does it outside
+        # the request's context: the exception carries the request id (a
+        # note in the traceback; RequestContextFilter reads the attribute).
+        exc.ctxmiddleware_request_id = self.request_id  # type: ignore[attr-defined]
+        exc.add_note(f"ctxmiddleware: request_id={self.request_id}")
         if self.response == ResponseState.NOT_STARTED and "app" not in scope:
             # We wrap the whole app: nothing outside us will answer but the
             # server, whose 500 would lack the request id. (Inside a Starlette

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from .._core import Context
+from .._core import Context, RootContext
 from .._request import positive_seconds, set_request_timeout
 
 __all__ = ["RequestContext", "RouteTimeout", "request_context"]
@@ -19,6 +19,8 @@ def request_context(conn: HTTPConnection) -> Context:
     ctx = conn.scope.get("state", {}).get("ctx")
     if not isinstance(ctx, Context):
         raise RuntimeError("ContextMiddleware is not installed on this app")
+    if type(ctx) is RootContext and ctx.active is not None:
+        return ctx.active  # set_request_context() from a worker thread
     return ctx
 
 

@@ -6,11 +6,20 @@ import asyncio
 import datetime
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from .._core import CURRENT_CONTEXT, ClientDisconnected, Context
-from .._request import Request, RequestConfig, ValuesHook, positive_seconds, set_request_timeout
+from .._request import (
+    CustomRequestId,
+    Request,
+    RequestConfig,
+    RequestIdFactory,
+    RequestIdValidator,
+    ValuesHook,
+    positive_seconds,
+    set_request_timeout,
+)
 from ._exchange import SENDS_RAISE, AsgiRequest, sends_raise
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from ._watch import Watchdog
@@ -37,7 +46,12 @@ class ContextMiddleware:
       is sent, and the request is logged as 499;
     * at the deadline: ``timeout`` seconds (or a ``timedelta``) after arrival
       (``None``: none), shortened (never extended) by the caller's
-      ``x-request-timeout-ms``. The app is cancelled and the client gets a 504,
+      ``x-request-timeout-ms``, ``grpc-timeout``, ``connect-timeout-ms`` or
+      ``x-envoy-expected-rq-timeout-ms`` (``budget_headers`` maps header names
+      to formats, ``"ms"`` or ``"grpc"``, or ``None`` to stop reading one), and
+      by the time spent queued behind a trusted proxy (``request_start_header``,
+      ``X-Request-Start``; a request whose budget was spent in the queue gets
+      the 504 without running the app). The app is cancelled and the client gets a 504,
       or, if the response had already started, the response is aborted;
     * when the app returns (``Canceled``), like Go's ``ServeHTTP``. Work that
       must outlive the request takes ``without_cancel(ctx)``.
@@ -51,7 +65,10 @@ class ContextMiddleware:
     so that this middleware, not the server, decides whom to trust. ``values``
     is a hook returning extra ``(key, value)`` pairs to bind for each request;
     ``base`` is the context every request derives from (cancel it to cancel
-    them all). Every option is checked here: a bad one raises ``TypeError`` or
+    them all). ``request_id_factory(scope)`` makes new request ids and
+    ``request_id_validator(incoming)`` decides whether to keep the caller's
+    (used only when given); ``request_id_from_traceparent=True`` takes the W3C
+    ``traceparent`` trace id as the request id when there is no valid one. Every option is checked here: a bad one raises ``TypeError`` or
     ``ValueError`` at construction, never per request.
 
     Add it with ``app.add_middleware`` (inside Starlette's error middleware,
@@ -74,6 +91,11 @@ class ContextMiddleware:
         values: ValuesHook | None = None,
         base: Context | None = None,
         disconnect_grace: float = 0.001,
+        request_id_factory: RequestIdFactory | None = None,
+        request_id_validator: RequestIdValidator | None = None,
+        budget_headers: Mapping[str, str | None] | None = None,
+        request_start_header: str | None = "x-request-start",
+        request_id_from_traceparent: bool = False,
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
@@ -89,8 +111,17 @@ class ContextMiddleware:
             values=values,
             base=base,
             disconnect_grace=disconnect_grace,
+            request_id_factory=request_id_factory,
+            request_id_validator=request_id_validator,
+            budget_headers=budget_headers,
+            request_start_header=request_start_header,
+            request_id_from_traceparent=request_id_from_traceparent,
         )
         self.watchdog: Watchdog | None = None
+        # (The options' requests only: the default path is unchanged.)
+        self.request_type: type[AsgiRequest] = (
+            _AsgiRequestCustomId if self.config.custom_request_ids else AsgiRequest
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # (async def: servers tell ASGI 3 apps from ASGI 2 ones by it.)
@@ -101,7 +132,7 @@ class ContextMiddleware:
                 await self.app(scope, receive, send)
             return
         client = scope.get("client")
-        request = AsgiRequest(
+        request = self.request_type(
             self.config,
             client[0] if client else None,
             scope["headers"],
@@ -183,6 +214,10 @@ class ContextMiddleware:
             root.end()
 
 
+class _AsgiRequestCustomId(CustomRequestId, AsgiRequest):
+    """An ASGI request of a middleware with ``request_id_factory`` or ``request_id_validator``."""
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -200,13 +235,21 @@ def route_timeout(seconds: float | datetime.timedelta | None) -> Callable[[F], F
     ``x-request-timeout-ms`` still caps it. Works on ``async def`` and ``def``
     endpoints and keeps their signature (FastAPI sees the same parameters).
     Put it below the route decorator: a route decorator registers the function
-    it is given, so anything above it is never called.
+    it is given, so anything above it is never called. Above a Starlette or
+    FastAPI route decorator it raises ``TypeError`` at import time.
     """
     checked = None if seconds is None else positive_seconds(seconds, "route_timeout")
 
     def decorate(fn: F) -> F:
         if not callable(fn):
             raise TypeError("route_timeout decorates an endpoint function")
+        if _registered_as_route(fn):
+            raise TypeError(
+                f"@route_timeout is above the route decorator of {fn.__qualname__}: the route"
+                " already holds the undecorated function, so the timeout would never apply."
+                " Put @route_timeout(...) below @app.get(...) (or use"
+                " dependencies=[RouteTimeout(...)] in FastAPI)"
+            )
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -224,3 +267,19 @@ def route_timeout(seconds: float | datetime.timedelta | None) -> Callable[[F], F
         return endpoint  # type: ignore[return-value]
 
     return decorate
+
+
+def _registered_as_route(fn: Callable[..., Any]) -> bool:
+    """``fn`` is already the endpoint of a Starlette or FastAPI route (whose
+    decorator returned it unchanged): a decorator above it would never run."""
+    import gc
+
+    for ref in gc.get_referrers(fn):
+        if not isinstance(ref, dict):
+            try:
+                ref = vars(ref)
+            except TypeError:
+                continue
+        if ref.get("endpoint") is fn and "path" in ref:
+            return True
+    return False

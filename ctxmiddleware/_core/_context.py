@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Generator, Hashable
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, overload
 
 from ._errors import Canceled, ContextError, DeadlineExceeded
 from ._scope import CancelScope
@@ -62,7 +62,14 @@ __all__ = [
 T = TypeVar("T")
 
 CancelFunc = Callable[[], None]
-CancelCauseFunc = Callable[..., None]
+
+
+class CancelCauseFunc(Protocol):
+    """The cancel function of :func:`with_cancel_cause`: ``cancel(cause=None)``,
+    ``cause`` an exception (anything else raises ``TypeError``)."""
+
+    def __call__(self, cause: BaseException | None = None) -> None: ...
+
 
 _log = logging.getLogger("ctxmiddleware")
 # One lock for every context: held only for a few attribute updates. On the
@@ -91,6 +98,12 @@ class Key(Generic[T]):
     """
 
     __slots__ = ("name",)
+
+    if TYPE_CHECKING:
+        # Hashable at run time (by identity), but not to a type checker: so
+        # with_value(ctx, Key[int](...), "a str") matches no overload of
+        # with_value (the fallback one takes other Hashable keys).
+        __hash__: ClassVar[None]  # type: ignore[assignment]
 
     def __init__(self, name: str) -> None:
         if not isinstance(name, str):
@@ -427,6 +440,11 @@ class _CancelCtx(Context):
         self._cancel(True, Canceled(), None)
 
     def _cancel_cause_func(self, cause: BaseException | None = None) -> None:
+        if cause is not None and not isinstance(cause, BaseException):
+            # cause(ctx) is typed BaseException | None: a str would break it.
+            raise TypeError(
+                f"the cause must be an exception (or None), not {type(cause).__name__}"
+            )
         self._cancel(True, Canceled(), cause)
 
     def _cancel(
@@ -628,6 +646,9 @@ class RootContext(_TimerCtx):
     # that creating a root writes three fields, not ten. One root per request,
     # on the hot path (bench/RESULTS.md, "core root init").
     _link = _err = _cause = _children = _done = _dnode = _timer = _deadline_cause = None
+    #: The context the work uses in the root's place (``set_request_context``):
+    #: what :func:`current` returns where the root is bound. Derives from the root.
+    active: Context | None = None
 
     def __init__(
         self, parent: Context, source: ValueSource | None = None, deadline: float | None = None
@@ -726,7 +747,7 @@ class _ValueCtx(Context):
 
     __slots__ = ("_key", "_parent", "_src", "_val")
 
-    def __init__(self, parent: Context, key: Hashable, val: object) -> None:
+    def __init__(self, parent: Context, key: object, val: object) -> None:
         self._parent = parent
         self._key = key
         self._val = val
@@ -1025,7 +1046,11 @@ def with_timeout_cause(
     return _with_deadline(parent, _monotonic() + _seconds(timeout), cause)
 
 
-def with_value(parent: Context, key: Hashable, value: object) -> Context:
+@overload
+def with_value(parent: Context, key: Key[T], value: T) -> Context: ...
+@overload
+def with_value(parent: Context, key: Hashable, value: object) -> Context: ...
+def with_value(parent: Context, key: Hashable | Key[Any], value: object) -> Context:
     """A child in which ``value(key)`` is ``value``; everything else comes from ``parent``.
 
     Prefer a :class:`Key` as ``key``. Keys match on identity, or when both their
@@ -1184,9 +1209,14 @@ def current() -> Context:
     """The context bound to the running task or thread by :func:`bind`, else ``background()``.
 
     It follows ``contextvars``: tasks created with ``asyncio.create_task``,
-    ``asyncio.to_thread`` and anyio/Starlette worker threads inherit it.
+    ``asyncio.to_thread`` and anyio/Starlette worker threads inherit it. Where
+    a request's root is bound, it is the context the request made its own
+    with ``set_request_context()`` (if it did), in every task and thread.
     """
-    return _current.get()
+    ctx = _current.get()
+    if type(ctx) is RootContext and ctx.active is not None:
+        return ctx.active
+    return ctx
 
 
 class bind:

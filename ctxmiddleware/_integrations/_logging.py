@@ -35,10 +35,23 @@ class RequestContextFilter(logging.Filter):
         if "request_id" not in attrs or "client_ip" not in attrs:
             ctx = current()
             if "request_id" not in attrs:
-                record.request_id = ctx.value(REQUEST_ID) or self.default
+                record.request_id = (
+                    ctx.value(REQUEST_ID) or _failed_request_id(record) or self.default
+                )
             if "client_ip" not in attrs:
                 record.client_ip = ctx.value(CLIENT_IP) or self.default
         return True
+
+
+def _failed_request_id(record: logging.LogRecord) -> str | None:
+    """The request id ContextMiddleware put on the exception a request failed
+    with: its traceback is logged (by the server) after the request's context
+    is gone."""
+    exc_info = record.exc_info
+    if not exc_info or exc_info[1] is None:
+        return None
+    rid = getattr(exc_info[1], "ctxmiddleware_request_id", None)
+    return rid if isinstance(rid, str) else None
 
 
 def add_request_context(

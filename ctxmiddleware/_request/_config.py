@@ -5,17 +5,29 @@ from __future__ import annotations
 import datetime
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._core import Context, Key, background
+from .._core import BUDGET_FORMATS, Context, Key, background
 from ._headers import IPNetwork, parse_networks
 
-__all__ = ["HeaderRole", "RequestConfig", "ValuesHook", "positive_seconds"]
+__all__ = [
+    "HeaderRole",
+    "RequestConfig",
+    "RequestIdFactory",
+    "RequestIdValidator",
+    "ValuesHook",
+    "positive_seconds",
+]
 
 ValuesHook = Callable[[Any], Iterable[tuple[Key[Any], object]]]
 """``values(scope_or_environ)`` returns extra ``(key, value)`` pairs for one request."""
+
+RequestIdFactory = Callable[[Any], str]
+"""``request_id_factory(scope_or_environ)`` returns a new request id (a str)."""
+RequestIdValidator = Callable[[str], bool]
+"""``request_id_validator(incoming_id)``: keep the caller's request id?"""
 
 # An HTTP header name (RFC 9110 token): nothing that could split a header line.
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -30,6 +42,19 @@ class HeaderRole:
     CONTENT_LENGTH = 3
     TRANSFER_ENCODING = 4
     FORWARDED = 5
+    BUDGET_GRPC = 6
+    REQUEST_START = 7
+    TRACEPARENT = 8
+
+
+# Budget headers recognised by default (name -> format, see BUDGET_FORMATS);
+# the ``timeout_header`` option names the "ms" one we send ourselves.
+DEFAULT_BUDGET_HEADERS: dict[str, str] = {
+    "grpc-timeout": "grpc",
+    "connect-timeout-ms": "ms",
+    "x-envoy-expected-rq-timeout-ms": "ms",
+}
+_BUDGET_ROLES = {"ms": HeaderRole.BUDGET, "grpc": HeaderRole.BUDGET_GRPC}
 
 
 def positive_seconds(value: object, what: str) -> float:
@@ -86,6 +111,17 @@ class RequestConfig:
     header_names: frozenset[bytes]
     # The timeout is shorter than the disconnect grace: watch every request at once.
     timeout_is_urgent: bool
+    request_id_factory: RequestIdFactory | None = None
+    request_id_validator: RequestIdValidator | None = None
+    # Budget headers read (lower-case name -> format), for docs and tests.
+    budget_headers: tuple[tuple[bytes, str], ...] = ()
+    # No valid request id header: use the traceparent's trace id.
+    request_id_from_traceparent: bool = False
+
+    @property
+    def custom_request_ids(self) -> bool:
+        """Requests need the CustomRequestId mixin."""
+        return self.request_id_factory is not None or self.request_id_validator is not None
 
     @classmethod
     def from_options(
@@ -101,6 +137,11 @@ class RequestConfig:
         values: ValuesHook | None = None,
         base: Context | None = None,
         disconnect_grace: float = 0.001,
+        request_id_factory: RequestIdFactory | None = None,
+        request_id_validator: RequestIdValidator | None = None,
+        budget_headers: Mapping[str, str | None] | None = None,
+        request_start_header: str | None = "x-request-start",
+        request_id_from_traceparent: bool = False,
     ) -> RequestConfig:
         seconds = None if timeout is None else positive_seconds(timeout, "timeout")
         networks = parse_networks(trusted_proxies)
@@ -118,6 +159,12 @@ class RequestConfig:
             raise TypeError("timeout_body must be bytes")
         if values is not None and not callable(values):
             raise TypeError("values must be a callable returning (key, value) pairs, or None")
+        for name, hook in (
+            ("request_id_factory", request_id_factory),
+            ("request_id_validator", request_id_validator),
+        ):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be a callable or None, not {type(hook).__name__}")
         if base is None:
             base = background()
         elif not isinstance(base, Context):
@@ -136,8 +183,30 @@ class RequestConfig:
         }
         if len(roles) != 5:
             raise ValueError("request_id_header and timeout_header must be distinct headers")
+        budgets = _budget_headers(budget_headers, tmo_name)
+        for budget_name, budget_format in budgets:
+            if roles.get(budget_name, HeaderRole.BUDGET) != HeaderRole.BUDGET:
+                raise ValueError(f"budget_headers: {budget_name.decode()!r} is already read")
+            roles[budget_name] = _BUDGET_ROLES[budget_format]
+        if tmo_name not in dict(budgets):
+            del roles[tmo_name]  # budget_headers={timeout_header: None}: not read
+        if not isinstance(request_id_from_traceparent, bool):
+            raise TypeError("request_id_from_traceparent must be a bool")
+        if b"traceparent" in roles:
+            raise ValueError("traceparent is read as the W3C trace context, not as another header")
+        roles[b"traceparent"] = HeaderRole.TRACEPARENT
         if networks:  # without trusted proxies the forwarding header is never read
+            if fwd in roles:
+                raise ValueError(f"forwarded_header {fwd.decode()!r} is already read")
             roles[fwd] = HeaderRole.FORWARDED
+            # Nor the front proxy's clock: X-Request-Start is believed from them only.
+            if request_start_header is not None:
+                start = _header_name(request_start_header, "request_start_header")
+                if start in roles:
+                    raise ValueError(f"request_start_header {start.decode()!r} is already read")
+                roles[start] = HeaderRole.REQUEST_START
+        elif request_start_header is not None:
+            _header_name(request_start_header, "request_start_header")
         return cls(
             timeout=seconds,
             trusted_proxies=networks,
@@ -152,4 +221,33 @@ class RequestConfig:
             header_roles=roles,
             header_names=frozenset(roles),
             timeout_is_urgent=seconds is not None and seconds <= disconnect_grace,
+            request_id_factory=request_id_factory,
+            request_id_validator=request_id_validator,
+            budget_headers=budgets,
+            request_id_from_traceparent=request_id_from_traceparent,
         )
+
+
+def _budget_headers(
+    option: Mapping[str, str | None] | None, timeout_header: bytes
+) -> tuple[tuple[bytes, str], ...]:
+    """The budget headers to read: the defaults plus ``timeout_header`` ("ms"),
+    updated by ``option`` (a name -> format, ``None`` to stop reading it)."""
+    merged: dict[bytes, str | None] = {timeout_header: "ms"}
+    for default_name, default_format in DEFAULT_BUDGET_HEADERS.items():
+        merged[default_name.encode("ascii")] = default_format
+    if option is not None:
+        if not isinstance(option, Mapping):
+            raise TypeError(
+                "budget_headers must be a mapping of header name -> format"
+                f" ({', '.join(map(repr, BUDGET_FORMATS))}) or None, not {type(option).__name__}"
+            )
+        for name, fmt in option.items():
+            key = _header_name(name, "a budget_headers name")
+            if fmt is not None and fmt not in BUDGET_FORMATS:
+                raise ValueError(
+                    f"budget_headers[{name!r}] must be one of"
+                    f" {', '.join(map(repr, BUDGET_FORMATS))} or None, not {fmt!r}"
+                )
+            merged[key] = fmt
+    return tuple((name, fmt) for name, fmt in merged.items() if fmt is not None)

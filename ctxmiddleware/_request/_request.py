@@ -12,12 +12,16 @@ from .._core import (
     AUTH_TOKEN,
     CLIENT_IP,
     REQUEST_ID,
+    TRACEPARENT,
     Context,
     DeadlineExceeded,
     RootContext,
     Secret,
     current,
     parse_budget_ms,
+    parse_grpc_timeout,
+    parse_request_start,
+    parse_traceparent,
     root_of,
     with_value,
 )
@@ -27,6 +31,7 @@ from ._headers import (
     bearer_token,
     forwarded_for_hops,
     new_request_id,
+    parse_ip,
     resolve_client_ip,
     sane_request_id,
 )
@@ -50,6 +55,13 @@ _R_BUDGET = HeaderRole.BUDGET
 _R_AUTH = HeaderRole.AUTHORIZATION
 _R_LENGTH = HeaderRole.CONTENT_LENGTH
 _R_CHUNKED = HeaderRole.TRANSFER_ENCODING
+_R_GRPC = HeaderRole.BUDGET_GRPC
+_R_START = HeaderRole.REQUEST_START
+_R_TRACE = HeaderRole.TRACEPARENT
+
+_wall = time.time
+MAX_QUEUE_SECONDS = 3600.0
+"""An ``X-Request-Start`` further back than this is a clock problem, not a queue: ignored."""
 
 
 class Request:
@@ -67,7 +79,16 @@ class Request:
 
     # Class-level defaults: most requests never change most of these.
     budget_ms: int | None = None
-    """The caller's budget header, in ms (the smallest if several)."""
+    """The caller's budget, in whole ms (the smallest of its budget headers)."""
+    budget: float | None = None
+    """The caller's budget, in seconds (the smallest of its budget headers)."""
+    queued = 0.0
+    """Seconds the request waited behind a trusted proxy (``X-Request-Start``)."""
+    traceparent: str | None = None
+    """The caller's W3C ``traceparent``, if valid (TRACEPARENT)."""
+    start_deadline = _INF
+    """The deadline the headers set at arrival: the budget, and the queue time
+    counted against the middleware's timeout."""
     deadline_at = _INF
     """The deadline (``time.monotonic()``), math.inf for none."""
     header_deadline = _INF
@@ -125,8 +146,8 @@ class Request:
                 when = arrival + timeout
                 if config.timeout_is_urgent:
                     self.urgent = True
-            if self.header_deadline < when:
-                when = self.header_deadline
+            if self.start_deadline < when:
+                when = self.start_deadline
         self.deadline_at = when
         parent: Context = config.base
         if config.values is not None:
@@ -138,7 +159,10 @@ class Request:
         """Note the headers we read (request id, budget, token, framing, forwarding
         chain); return the request id as sent."""
         rid = None
-        roles = self.config.header_roles
+        budget = _INF
+        start = None
+        config = self.config
+        roles = config.header_roles
         for name, value in headers:
             role = roles.get(name)
             if role is None:
@@ -148,8 +172,18 @@ class Request:
                     rid = value
             elif role == _R_BUDGET:
                 ms = parse_budget_ms(value)
-                if ms is not None and (self.budget_ms is None or ms < self.budget_ms):
-                    self.budget_ms = ms  # several: the smallest budget wins
+                if ms is not None and ms / 1000.0 < budget:
+                    budget = ms / 1000.0  # several: the smallest budget wins
+            elif role == _R_GRPC:
+                seconds = parse_grpc_timeout(value)
+                if seconds is not None and seconds < budget:
+                    budget = seconds
+            elif role == _R_TRACE:
+                if self.traceparent is None and parse_traceparent(value) is not None:
+                    self.traceparent = value.decode("ascii")
+            elif role == _R_START:
+                if start is None:
+                    start = value
             elif role == _R_AUTH:
                 self._auth = value
             elif role == _R_LENGTH:
@@ -160,11 +194,43 @@ class Request:
                 if self._fwd is None:
                     self._fwd = []
                 self._fwd.append(value)
-        if self.budget_ms is not None and timed:
-            self.header_deadline = self.arrival + self.budget_ms / 1000.0
-            if self.budget_ms / 1000.0 <= self.config.disconnect_grace:
-                self.urgent = True
+        if budget != _INF:
+            self.budget = budget
+            self.budget_ms = int(budget * 1000)
+        if start is not None:
+            self._queue_time(start)
+        if timed:
+            began = self.arrival - self.queued
+            if budget != _INF:
+                self.header_deadline = began + budget
+            cap = self.header_deadline
+            if self.queued and config.timeout is not None:
+                cap = min(cap, began + config.timeout)
+            if cap != _INF:
+                self.start_deadline = cap
+                if cap - self.arrival <= config.disconnect_grace:
+                    self.urgent = True
+        if (
+            config.request_id_from_traceparent
+            and self.traceparent is not None
+            and (rid is None or sane_request_id(rid) is None)
+        ):
+            rid = self.traceparent[3:35].encode("ascii")  # the trace id
         return rid
+
+    def _queue_time(self, raw: bytes) -> None:
+        """``X-Request-Start`` (read only with trusted proxies): believed only
+        from a trusted peer, the wait since then counts against the budget."""
+        peer = self._peer
+        ip = parse_ip(peer) if peer is not None else None
+        if ip is None or not any(ip in net for net in self.config.trusted_proxies):
+            return
+        began = parse_request_start(raw)
+        if began is None:
+            return
+        queued = _wall() - began
+        if 0 < queued <= MAX_QUEUE_SECONDS:  # (a proxy's clock ahead of ours: no queue)
+            self.queued = queued
 
     @property
     def body_known_small(self) -> bool:
@@ -195,6 +261,8 @@ class Request:
             return self.client_ip()
         if key is AUTH_TOKEN:
             return self.token()
+        if key is TRACEPARENT and self.traceparent is not None:
+            return self.traceparent
         return default
 
     def key_names(self) -> list[str]:
@@ -204,6 +272,8 @@ class Request:
             names.append("client_ip")
         if self.token() is not None:
             names.append("auth_token")
+        if self.traceparent is not None:
+            names.append("traceparent")
         return names
 
     @property
@@ -236,7 +306,7 @@ class Request:
     def set_timeout(self, seconds: float | None) -> None:
         """Move the deadline to ``seconds`` after arrival (``None``: none); the
         caller's budget still caps it."""
-        when = _INF if seconds is None else self.arrival + seconds
+        when = _INF if seconds is None else self.arrival - self.queued + seconds
         if self.header_deadline < when:
             when = self.header_deadline
         self.deadline_at = when
@@ -246,6 +316,10 @@ class Request:
 
     def deadline_moved(self) -> None:
         """Adapter hook: the deadline was moved (a route's own timeout)."""
+
+    def context_swapped(self, ctx: Context) -> None:
+        """Adapter hook: ``set_request_context(ctx)`` made ``ctx`` the request's
+        context (the adapter updates where it publishes it: ``request.state``)."""
 
     # -- the end -----------------------------------------------------------------
 
