@@ -25,7 +25,6 @@ VARIANTS = {
     "shipped": "ContextMiddleware as shipped",
     "plain-header-scan": "header scan: a Python loop over every header (not one C test)",
     "plain-request-id": "request id: uuid.uuid4().hex per request (not the pooled ids)",
-    "plain-root-init": "root context: every field written in __init__ (not class defaults)",
     "coroutine-send": "send: an async def wrapper (not the server's own awaitable)",
     "timer-per-request": "grace: a loop timer per request (not one batched check)",
 }
@@ -34,7 +33,6 @@ VARIANTS = {
 def _apply(variant: str) -> None:
     """Replace one trick by its plain form (monkeypatching the shipped code)."""
     from ctxmiddleware._asgi import _exchange, _response
-    from ctxmiddleware._core import _context
     from ctxmiddleware._request import _request
 
     if variant == "plain-header-scan":
@@ -56,23 +54,6 @@ def _apply(variant: str) -> None:
 
         _request.ID_POOL = []  # type: ignore[attr-defined]
         _request.new_request_id = lambda: uuid.uuid4().hex.encode()  # type: ignore[attr-defined]
-    elif variant == "plain-root-init":
-        root_cls = _context.RootContext
-        orig_root = root_cls.__init__
-
-        def root_init(self, parent, source=None, deadline=None):  # type: ignore[no-untyped-def]
-            # (What _TimerCtx.__init__ writes, plus the root's own fields.)
-            self._link = None
-            self._err = None
-            self._cause = None
-            self._children = None
-            self._done = None
-            self._dnode = None
-            self._timer = None
-            self._deadline_cause = None
-            orig_root(self, parent, source, deadline)
-
-        root_cls.__init__ = root_init  # type: ignore[method-assign]
     elif variant == "coroutine-send":
         orig_send = _response.ResponseTracker.send
 
@@ -84,7 +65,7 @@ def _apply(variant: str) -> None:
 
         def begin(self, watchdog):  # type: ignore[no-untyped-def]
             loop = self.loop = watchdog.loop
-            self.task = _exchange._current_task(loop)
+            self.task = asyncio.current_task(loop)
             handle = loop.call_later(watchdog.grace, self.start_watching)
             self.grace_timer = handle
 
