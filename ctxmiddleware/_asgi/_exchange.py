@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from .._core import ClientDisconnected, Context, ContextError, DeadlineExceeded, cause
 from .._request import Request
 from ._receive import ReceiveRelay
 from ._response import ResponseState, ResponseTracker
-from ._state import state_of
 from ._types import Message, Scope
 from ._watch import WatchControl, Watchdog
 
@@ -42,6 +42,8 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
     jobs share one request's state, so they share one object."""
 
     app_done = False
+    scope_state: dict[str, Any] | None = None
+    """``scope["state"]``, while the request runs (``request.state.ctx`` lives there)."""
     loop: asyncio.AbstractEventLoop
 
     # (No __init__ of its own: Request's, called by the middleware with what
@@ -62,9 +64,9 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
             self.start_watching()
 
     def context_swapped(self, ctx: Context) -> None:
-        state = state_of(self, getattr(self, "task", None))  # (rare: off the hot path)
+        state = self.scope_state
         if state is not None:
-            state["ctx"] = ctx
+            state["ctx"] = ctx  # request.state.ctx follows set_request_context()
 
     def start_watching(self) -> None:
         if not self.app_done:
@@ -166,6 +168,7 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
         # state -> root -> here -> server -> scope) is left to the cyclic GC.
         self.server_receive = _receive_after_end
         self.server_send = _send_after_end
+        self.scope_state = None  # (the state holds the root, which holds this request)
         if self.cancellation is not None:
             self.cancellation = None
 

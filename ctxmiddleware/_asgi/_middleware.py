@@ -68,7 +68,8 @@ class ContextMiddleware:
     them all). ``request_id_factory(scope)`` makes new request ids and
     ``request_id_validator(incoming)`` decides whether to keep the caller's
     (used only when given); ``request_id_from_traceparent=True`` takes the W3C
-    ``traceparent`` trace id as the request id when there is no valid one. Every option is checked here: a bad one raises ``TypeError`` or
+    ``traceparent`` trace id as the request id when there is no valid one.
+    Every option is checked here: a bad one raises ``TypeError`` or
     ``ValueError`` at construction, never per request.
 
     Add it with ``app.add_middleware`` (inside Starlette's error middleware,
@@ -145,6 +146,7 @@ class ContextMiddleware:
         if state is None:
             state = scope["state"] = {}
         root = state["ctx"] = request.root
+        request.scope_state = state  # (for set_request_context; let go at the end)
         token = CURRENT_CONTEXT.set(root)
         try:
             if request.deadline_at <= request.arrival:

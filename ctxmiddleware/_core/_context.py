@@ -641,22 +641,17 @@ class RootContext(_TimerCtx):
     The deadline is never later than the parent's.
     """
 
-    # No __slots__: an instance dict, with the fields that start as None
-    # given as class-level defaults (they shadow the base classes' slots), so
-    # that creating a root writes three fields, not ten. One root per request,
-    # on the hot path (bench/RESULTS.md, "core root init").
-    _link = _err = _cause = _children = _done = _dnode = _timer = _deadline_cause = None
-    #: The context the work uses in the root's place (``set_request_context``):
-    #: what :func:`current` returns where the root is bound. Derives from the root.
-    active: Context | None = None
+    __slots__ = ("active", "source")
 
     def __init__(
         self, parent: Context, source: ValueSource | None = None, deadline: float | None = None
     ) -> None:
-        self._parent = parent
-        self._when = _INF if deadline is None else deadline
+        _TimerCtx.__init__(self, parent, _INF if deadline is None else deadline, None)
         #: What answers values first (the adapter's request object, say).
         self.source = source
+        #: The context the work uses in the root's place (``set_request_context``):
+        #: what :func:`current` returns where the root is bound. Derives from the root.
+        self.active: Context | None = None
         if type(parent) is not _EmptyCtx:
             _propagate(parent, self)
 
