@@ -42,6 +42,9 @@ OPTIONS = (
     "values",
     "base",
     "disconnect_grace",
+    "budget_headers",
+    "request_start_header",
+    "request_id_from_traceparent",
 )
 
 

@@ -10,7 +10,14 @@ import hmac
 
 from ._context import Key
 
-__all__ = ["AUTH_TOKEN", "CLIENT_IP", "REQUEST_ID", "ClientDisconnected", "Secret"]
+__all__ = [
+    "AUTH_TOKEN",
+    "CLIENT_IP",
+    "REQUEST_ID",
+    "TRACEPARENT",
+    "ClientDisconnected",
+    "Secret",
+]
 
 
 class Secret:
@@ -66,3 +73,7 @@ CLIENT_IP: Key[str] = Key("client_ip")
 
 AUTH_TOKEN: Key[Secret] = Key("auth_token")
 """The ``Authorization: Bearer`` credential, as a :class:`Secret`; absent without one."""
+
+TRACEPARENT: Key[str] = Key("traceparent")
+"""The caller's W3C ``traceparent`` header, as sent (only if valid); absent without one.
+The httpx integration forwards it untouched."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from .._core import CURRENT_CONTEXT, Context
 from .._request import RequestConfig, ValuesHook
@@ -54,6 +54,9 @@ class WSGIContextMiddleware:
         values: ValuesHook | None = None,
         base: Context | None = None,
         disconnect_grace: float = 0.001,
+        budget_headers: Mapping[str, str | None] | None = None,
+        request_start_header: str | None = "x-request-start",
+        request_id_from_traceparent: bool = False,
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be a WSGI application, not {type(app).__name__}")
@@ -69,6 +72,9 @@ class WSGIContextMiddleware:
             values=values,
             base=base,
             disconnect_grace=disconnect_grace,
+            budget_headers=budget_headers,
+            request_start_header=request_start_header,
+            request_id_from_traceparent=request_id_from_traceparent,
         )
         self.headers = EnvironHeaders(self.config)
 
