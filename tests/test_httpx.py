@@ -190,7 +190,12 @@ def downstream_app(rec: Recorder) -> Any:
     # Paths under /deaf/ go through a middleware that ignores the caller's
     # budget, so the only way the handler stops early is the disconnect.
     heeding = ContextMiddleware(app, timeout=None)
-    deaf = ContextMiddleware(app, timeout=None, timeout_header="x-not-the-budget")
+    deaf = ContextMiddleware(
+        app,
+        timeout=None,
+        timeout_header="x-not-the-budget",
+        budget_headers={"grpc-timeout": None},  # (the client sends it too)
+    )
 
     async def route(scope: Any, receive: Any, send: Any) -> None:
         target = deaf if scope.get("path", "").startswith("/deaf/") else heeding

@@ -6,11 +6,14 @@ For every request made under a context (``extensions={"ctx": ctx}``, else
 * fails fast with ``ctx.err()`` if the context is already done;
 * clamps every httpx timeout to ``ctx.remaining()`` and enforces the total
   deadline (httpx timeouts apply per read, so a slow trickle could outlive it);
-* sends ``x-request-timeout-ms`` (the remaining budget minus a safety margin,
-  measured again just before the headers go out, after any wait for a pooled
-  connection and the connection set-up) and ``x-request-id``, so the next
-  service inherits the deadline and the id; a caller's own, shorter
-  ``x-request-timeout-ms`` and own ``x-request-id`` are kept;
+* sends ``x-request-timeout-ms`` and ``grpc-timeout`` (the remaining budget
+  minus a safety margin, rounded down, measured again just before the headers
+  go out, after any wait for a pooled connection and the connection set-up),
+  optionally ``x-envoy-upstream-rq-timeout-ms`` (for calls that leave through
+  an Envoy sidecar), ``x-request-id`` and the inbound ``traceparent``
+  (untouched), so the next service inherits the deadline, the id and the
+  trace; a caller's own, shorter budget headers and own ``x-request-id`` and
+  ``traceparent`` are kept;
 * aborts the in-flight request when the context is done, closing the HTTP/1.1
   connection, so the downstream service sees a disconnect and cancels too.
 
@@ -32,11 +35,14 @@ import httpx
 
 from .._core import (
     REQUEST_ID,
+    TRACEPARENT,
     Context,
     DeadlineExceeded,
     after_func,
     current,
+    format_grpc_timeout,
     parse_budget_ms,
+    parse_grpc_timeout,
     raise_if_done,
 )
 
@@ -58,22 +64,54 @@ _SEND_HEADERS = ".send_request_headers.started"
 _USER_TRACE = "_ctxmiddleware_user_trace"
 
 
+def _ms(seconds: float) -> str:
+    return str(int(seconds * 1000))
+
+
+def _ms_seconds(raw: bytes | str | None) -> float | None:
+    ms = parse_budget_ms(raw)
+    return None if ms is None else ms / 1000.0
+
+
+GRPC_TIMEOUT = "grpc-timeout"
+ENVOY_UPSTREAM_TIMEOUT = "x-envoy-upstream-rq-timeout-ms"
+
+
 class _Propagation:
     """What both transports do to a request before sending it."""
 
-    def __init__(self, margin: float, timeout_header: str, request_id_header: str) -> None:
+    def __init__(
+        self,
+        margin: float,
+        timeout_header: str,
+        request_id_header: str,
+        grpc_timeout: bool = True,
+        envoy_upstream_timeout: bool = False,
+    ) -> None:
         if not 0 <= margin < 10:
             raise ValueError("margin is in seconds, between 0 and 10")
         self.margin = margin
         self.timeout_header = timeout_header
         self.timeout_name = timeout_header.lower().encode("latin-1")
         self.request_id_header = request_id_header
+        # The budget headers sent: (name, lower-case name, format seconds, parse to seconds).
+        out = [(timeout_header, _ms, _ms_seconds)]
+        if grpc_timeout:
+            out.append((GRPC_TIMEOUT, format_grpc_timeout, parse_grpc_timeout))
+        if envoy_upstream_timeout:
+            out.append((ENVOY_UPSTREAM_TIMEOUT, _ms, _ms_seconds))
+        self.budget_headers = [
+            (name, name.lower().encode("latin-1"), fmt, parse) for name, fmt, parse in out
+        ]
+
+    def budget_seconds(self, remaining: float) -> float:
+        seconds = remaining - self.margin
+        if seconds < 0.001:
+            raise DeadlineExceeded("not enough time left before the deadline to send a request")
+        return seconds
 
     def budget_ms(self, remaining: float) -> int:
-        budget_ms = int((remaining - self.margin) * 1000)
-        if budget_ms < 1:
-            raise DeadlineExceeded("not enough time left before the deadline to send a request")
-        return budget_ms
+        return int(self.budget_seconds(remaining) * 1000)
 
     def prepare(self, request: httpx.Request, is_async: bool) -> Context:
         ctx = request.extensions.get("ctx")
@@ -82,12 +120,12 @@ class _Propagation:
         ctx.check()
         remaining = ctx.remaining()
         if remaining is not None:
-            budget_ms = self.budget_ms(remaining)
-            # A shorter budget set by the caller stands; never a longer one.
-            explicit = parse_budget_ms(request.headers.get(self.timeout_header))
-            if explicit is not None and explicit < budget_ms:
-                budget_ms = explicit
-            request.headers[self.timeout_header] = str(budget_ms)
+            seconds = self.budget_seconds(remaining)
+            for name, _, fmt, parse in self.budget_headers:
+                # A shorter budget set by the caller stands; never a longer one.
+                explicit = parse(request.headers.get(name))
+                if explicit is None or seconds < explicit:
+                    request.headers[name] = fmt(seconds)
             timeouts = dict(request.extensions.get("timeout") or {})
             for key in _TIMEOUT_KEYS:
                 value = timeouts.get(key)
@@ -99,6 +137,10 @@ class _Propagation:
             request_id = ctx.value(REQUEST_ID)
             if request_id is not None:
                 request.headers[self.request_id_header] = request_id
+        if "traceparent" not in request.headers:
+            traceparent = ctx.value(TRACEPARENT)
+            if traceparent is not None:
+                request.headers["traceparent"] = traceparent  # untouched
         return ctx
 
     def refresh(self, ctx: Context, info: dict[str, Any]) -> None:
@@ -107,13 +149,15 @@ class _Propagation:
         headers = getattr(info.get("request"), "headers", None)
         if remaining is None or not isinstance(headers, list):
             return
-        budget_ms = self.budget_ms(remaining)
-        name = self.timeout_name
+        seconds = self.budget_seconds(remaining)
         for i, (key, value) in enumerate(headers):
-            if key.lower() == name:
-                sent = parse_budget_ms(value)
-                if sent is None or budget_ms < sent:
-                    headers[i] = (key, str(budget_ms).encode("ascii"))
+            lower = key.lower()
+            for _, name, fmt, parse in self.budget_headers:
+                if lower == name:
+                    new = fmt(seconds)
+                    sent = parse(value)
+                    if sent is None or (parse(new) or 0.0) < sent:
+                        headers[i] = (key, new.encode("ascii"))
 
     def _trace(self, ctx: Context, user_trace: Any, is_async: bool) -> Any:
         # A redirect reuses the extensions: chain to the caller's trace, not ours.
@@ -160,9 +204,13 @@ class ContextTransport(httpx.AsyncBaseTransport):
         margin: float = 0.010,
         timeout_header: str = "x-request-timeout-ms",
         request_id_header: str = "x-request-id",
+        grpc_timeout: bool = True,
+        envoy_upstream_timeout: bool = False,
     ) -> None:
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
-        self._propagation = _Propagation(margin, timeout_header, request_id_header)
+        self._propagation = _Propagation(
+            margin, timeout_header, request_id_header, grpc_timeout, envoy_upstream_timeout
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         ctx = self._propagation.prepare(request, is_async=True)
@@ -310,13 +358,17 @@ class SyncContextTransport(httpx.BaseTransport):
         margin: float = 0.010,
         timeout_header: str = "x-request-timeout-ms",
         request_id_header: str = "x-request-id",
+        grpc_timeout: bool = True,
+        envoy_upstream_timeout: bool = False,
     ) -> None:
         self._transport = transport if transport is not None else httpx.HTTPTransport()
         pool = getattr(self._transport, "_pool", None)
         backend = getattr(pool, "_network_backend", None)
         if backend is not None and not isinstance(backend, _TrackingBackend):
             pool._network_backend = _TrackingBackend(backend)  # type: ignore[union-attr]
-        self._propagation = _Propagation(margin, timeout_header, request_id_header)
+        self._propagation = _Propagation(
+            margin, timeout_header, request_id_header, grpc_timeout, envoy_upstream_timeout
+        )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         ctx = self._propagation.prepare(request, is_async=False)
@@ -373,7 +425,9 @@ class _SyncContextStream(httpx.SyncByteStream):
         self._stream.close()
 
 
-def _bind_client(client: Any, wrap: type[ContextTransport | SyncContextTransport]) -> None:
+def _bind_client(
+    client: Any, wrap: type[ContextTransport | SyncContextTransport], **options: Any
+) -> None:
     """Put every transport of ``client`` under the context: the default one and
     each mount, the proxies (``proxy=``, ``HTTP_PROXY``...) included, which
     httpx builds itself from the client's options."""
@@ -386,29 +440,48 @@ def _bind_client(client: Any, wrap: type[ContextTransport | SyncContextTransport
         ) from None
 
     def bound(t: Any) -> Any:
-        return t if t is None or isinstance(t, wrap) else wrap(t)
+        return t if t is None or isinstance(t, wrap) else wrap(t, **options)
 
     client._transport = bound(transport)
     client._mounts = {pattern: bound(t) for pattern, t in mounts.items()}
 
 
-def httpx_async_client(**kwargs: Any) -> httpx.AsyncClient:
+def httpx_async_client(
+    *, grpc_timeout: bool = True, envoy_upstream_timeout: bool = False, **kwargs: Any
+) -> httpx.AsyncClient:
     """``httpx.AsyncClient(**kwargs)`` whose requests follow the current context.
 
     Every option means what it means to httpx (``limits``, ``http2``,
     ``verify``, ``proxy``, ``mounts``, ``trust_env``...); every transport the
     client uses, proxies included, is wrapped in :class:`ContextTransport`.
+    ``grpc_timeout``: also send the budget as ``grpc-timeout``;
+    ``envoy_upstream_timeout``: also as ``x-envoy-upstream-rq-timeout-ms``
+    (for calls that leave through an Envoy sidecar: Envoy then times the call
+    out at the deadline too).
     """
     client = httpx.AsyncClient(**kwargs)
-    _bind_client(client, ContextTransport)
+    _bind_client(
+        client,
+        ContextTransport,
+        grpc_timeout=grpc_timeout,
+        envoy_upstream_timeout=envoy_upstream_timeout,
+    )
     return client
 
 
-def httpx_client(**kwargs: Any) -> httpx.Client:
+def httpx_client(
+    *, grpc_timeout: bool = True, envoy_upstream_timeout: bool = False, **kwargs: Any
+) -> httpx.Client:
     """``httpx.Client(**kwargs)`` whose requests follow the current context.
 
-    Every transport the client uses is wrapped in :class:`SyncContextTransport`.
+    Every transport the client uses is wrapped in :class:`SyncContextTransport`;
+    ``grpc_timeout`` and ``envoy_upstream_timeout`` as for :func:`httpx_async_client`.
     """
     client = httpx.Client(**kwargs)
-    _bind_client(client, SyncContextTransport)
+    _bind_client(
+        client,
+        SyncContextTransport,
+        grpc_timeout=grpc_timeout,
+        envoy_upstream_timeout=envoy_upstream_timeout,
+    )
     return client
