@@ -45,6 +45,8 @@ from ctxmiddleware import (
     route_timeout,
 )
 from ctxmiddleware import _request as request_layer
+from ctxmiddleware.testing import Probe as KitProbe
+from ctxmiddleware.testing import serve_app
 
 WAIT = 5.0  # upper bound for anything the test waits for; reached only on failure
 
@@ -297,13 +299,13 @@ def test_disconnect_mid_stream_stops_generator(kind: str) -> None:
 
         return StreamingResponse(chunks(), media_type="text/plain")
 
+    # (Written with the user test kit, ctxmiddleware.testing.)
     app = wrap([Route("/stream", stream)], probe, timeout=30)
-    with serve(app, kind) as server:
-        with connection(server) as sock:
-            sock.sendall(raw_request("GET", "/stream"))
-            data = recv_until(sock, b"first\n")
-            assert data.startswith(b"HTTP/1.1 200")
-            probe.wait("first_sent")
+    with serve_app(app, kind) as running:
+        partial = running.request("GET", "/stream", disconnect="mid_stream")
+        assert partial is not None and partial.status == 200
+        assert partial.body.startswith(b"first\n")
+        probe.wait("first_sent")
         probe.wait("stopped")
         probe.wait("mw_done")
 
@@ -320,35 +322,45 @@ def test_disconnect_mid_stream_stops_generator(kind: str) -> None:
 @pytest.mark.parametrize("kind", SERVERS)
 def test_disconnect_mid_upload(kind: str, mode: str) -> None:
     probe = Probe("entered", "got_chunk", "interrupted", "read_all", "mw_done")
+    kit = KitProbe()
 
     async def upload(request: Request) -> Response:
         ctx = request.state.ctx
         probe.set("entered")
         try:
             if mode == "body":
+                kit.started()
                 await request.body()
             else:
                 async for chunk in request.stream():
-                    if chunk:
+                    if chunk and not probe.is_set("got_chunk"):
                         probe.set("got_chunk")
+                        kit.started()  # the app is mid-body: the client may leave
         except BaseException as exc:
             probe.set("interrupted", exc=exc, err=ctx.err(), cause=ctxmiddleware.cause(ctx))
             raise
         probe.set("read_all")
         return PlainTextResponse("not reached")
 
+    # (Written with the user test kit, ctxmiddleware.testing: the handler
+    # marks its context with kit.started(); the kit's client sends the head
+    # and 256 KB of 1 MB, waits for that mark, and hangs up.)
     app = wrap([Route("/upload", upload, methods=["POST"])], probe, timeout=30)
-    size = 1024 * 1024
-    request = raw_request("POST", "/upload", body=b"\0" * size)
-    partial = request[: len(request) - size + 256 * 1024]  # head + 256 KB of 1 MB
-    with serve(app, kind) as server:
-        with connection(server) as sock:
-            sock.sendall(partial)
-            probe.wait("entered")
-            if mode == "stream":
-                probe.wait("got_chunk")  # the app is mid-body
+    with serve_app(app, kind) as running:
+        sent = running.request(
+            "POST",
+            "/upload",
+            body=b"\0" * (1024 * 1024),
+            sent_fraction=0.25,
+            disconnect="before_body_end",
+            probe=kit,
+        )
+        assert sent is None
+        if mode == "stream":
+            probe.wait("got_chunk")  # the app was mid-body
         probe.wait("interrupted")
         probe.wait("mw_done")
+        kit.wait_cancelled(ClientDisconnected)
 
     assert not probe.is_set("read_all")
     # Starlette turns http.disconnect into ClientDisconnect; a cancellation is
