@@ -151,9 +151,16 @@ class AsgiRequest(ResponseTracker, ReceiveRelay, WatchControl, Request):
     def finish(self, scope: Scope) -> None:
         """The request is over: outcome, log line, root ended, everything let go."""
         self.ended = True
-        if self.watcher is not None:
+        err_before = None
+        if self.watching:
             self.stop_watcher()
-        err_before = self.root.err() if self.watching or not self.complete else None
+            # Whatever keeps the root after the request (a background job, a
+            # pool's timer holding a copy of the request's contextvars) keeps
+            # this object too: not the body chunks read ahead.
+            self.buffered = None
+            err_before = self.root.err()
+        elif not self.complete:
+            err_before = self.root.err()
         self.end(scope.get("method"), scope.get("path"))
         if err_before is not None:
             # The error and its chain hold this request's frames, which hold
