@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 import pytest
+from helpers import await_done
 
 from ctxmiddleware import (
     Canceled,
@@ -54,11 +55,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 async def wait_done(ctx: Context, timeout: float = WAIT) -> None:
-    await asyncio.wait_for(_await(ctx.done()), timeout)
-
-
-async def _await(d: Done) -> None:
-    await d
+    await asyncio.wait_for(await_done(ctx.done()), timeout)
 
 
 class LoopThread:
@@ -126,9 +123,9 @@ def test_await_done_already_done_and_never_done() -> None:
         await ctx.done()  # returns at once
         await with_value(ctx, "k", "v").done()
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(_await(bg.done()), NOT_YET)
+            await asyncio.wait_for(await_done(bg.done()), NOT_YET)
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(_await(without_cancel(ctx).done()), NOT_YET)
+            await asyncio.wait_for(await_done(without_cancel(ctx).done()), NOT_YET)
 
     run(main())
 
@@ -138,7 +135,7 @@ def test_await_done_interrupted_leaves_no_listener() -> None:
         ctx, cancel = with_cancel(bg)
         for _ in range(10):
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(_await(ctx.done()), 0.001)
+                await asyncio.wait_for(await_done(ctx.done()), 0.001)
         assert not ctx._children  # type: ignore[attr-defined]
         cancel()
 
@@ -406,11 +403,46 @@ def test_scope_entered_twice_and_outside_task() -> None:
 
 
 def test_scope_never_cancelable_context() -> None:
+    """A scope over a context that can never be done (``background()``, a
+    ``without_cancel`` child of a cancelled context) never cancels its task:
+    the body runs to its end, no cancellation is left pending, and a
+    cancellation from elsewhere passes through as a bare CancelledError."""
+
+    async def sleeper(ctx: Context, entered: asyncio.Event) -> None:
+        async with ctx.scope():
+            entered.set()
+            await asyncio.sleep(WAIT)
+
     async def main() -> None:
-        async with bg.scope():
-            await asyncio.sleep(0.001)
-        async with without_cancel(with_cancel(bg)[0]).scope():
-            await asyncio.sleep(0.001)
+        task = asyncio.current_task()
+        assert task is not None
+        parent, cancel = with_cancel(bg)
+        detached = without_cancel(parent)
+        for ctx in (bg, detached):
+            scope = ctx.scope()
+            steps = 0
+            async with scope as got:
+                assert got is ctx
+                for _ in range(3):
+                    await asyncio.sleep(0.001)
+                    steps += 1
+                cancel()  # the parent: must not reach the detached child
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                    steps += 1
+            assert steps == 6
+            assert not scope.cancel_called
+            assert task.cancelling() == 0
+            await asyncio.sleep(0.001)  # no stray cancel lands after the block
+            assert ctx.err() is None
+
+            entered = asyncio.Event()
+            other = asyncio.create_task(sleeper(ctx, entered))
+            await entered.wait()
+            other.cancel("from elsewhere")
+            with pytest.raises(asyncio.CancelledError):
+                await other
+            assert other.cancelled()  # not turned into an error of the scope's
 
     run(main())
 

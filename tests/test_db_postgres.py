@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import PgMonitor as Monitor
 from servers import SERVERS, RunningServer, raw_request, read_response, serve
 
 asyncpg = pytest.importorskip("asyncpg")
@@ -131,74 +132,9 @@ def postgres() -> None:
 # -- watching the server ------------------------------------------------------
 
 
-class Monitor:
-    """A separate autocommit connection that reads ``pg_stat_activity``."""
-
-    def __init__(self) -> None:
-        self.conn = psycopg.connect(DSN, autocommit=True, application_name=f"{APP}-monitor")
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def state(self, pid: int) -> tuple[str | None, str]:
-        """(state, query) of backend ``pid``; state None if it is gone."""
-        row = self.conn.execute(
-            "SELECT state, query FROM pg_stat_activity WHERE pid = %s", [pid]
-        ).fetchone()
-        return (None, "") if row is None else (row[0], row[1])
-
-    def wait_active(self, pid: int, needle: str = "pg_sleep", timeout: float = WAIT) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            state, query = self.state(pid)
-            if state == "active" and needle in query:
-                return
-            assert time.monotonic() < end, f"backend {pid} never ran {needle!r}: {state} {query!r}"
-            time.sleep(POLL)
-
-    def wait_not_active(self, pid: int, bound: float = BOUND) -> float:
-        """Poll until ``pid`` is not ``active``; the perf_counter() instant it was seen."""
-        end = time.perf_counter() + bound
-        while True:
-            state, query = self.state(pid)
-            now = time.perf_counter()
-            if state != "active":
-                return now
-            assert now < end, f"backend {pid} still active after {bound}s: {query!r}"
-            time.sleep(POLL)
-
-    def wait_gone(self, pid: int, timeout: float = WAIT) -> None:
-        end = time.monotonic() + timeout
-        while self.state(pid)[0] is not None:
-            assert time.monotonic() < end, f"backend {pid} still there: {self.state(pid)}"
-            time.sleep(POLL)
-
-    def backends(self, app_name: str) -> list[tuple[int, str | None]]:
-        return [
-            (row[0], row[1])
-            for row in self.conn.execute(
-                "SELECT pid, state FROM pg_stat_activity WHERE application_name = %s",
-                [app_name],
-            )
-        ]
-
-    def wait_clean(self, app_name: str, max_backends: int, timeout: float = WAIT) -> None:
-        """No backend of ``app_name`` active or in a transaction, and none leaked."""
-        end = time.monotonic() + timeout
-        while True:
-            backends = self.backends(app_name)
-            dirty = [b for b in backends if b[1] != "idle"]
-            if not dirty and len(backends) <= max_backends:
-                return
-            assert time.monotonic() < end, (
-                f"{app_name}: backends not clean (max {max_backends}): {backends}"
-            )
-            time.sleep(POLL)
-
-
 @pytest.fixture(scope="module")
 def monitor() -> Iterator[Monitor]:
-    m = Monitor()
+    m = Monitor(DSN, application_name=f"{APP}-monitor")
     yield m
     m.close()
 

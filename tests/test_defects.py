@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import Gate, Probe
 from servers import SERVERS, raw_request, serve
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -51,58 +52,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-class Probe:
-    """Named ``threading.Event`` flags plus data, set by the app, awaited by the test."""
-
-    def __init__(self, *names: str) -> None:
-        self.events = {name: threading.Event() for name in names}
-        self.data: dict[str, Any] = {}
-
-    def set(self, name: str, **data: Any) -> None:
-        self.data.update(data)
-        self.events[name].set()
-
-    def wait(self, name: str, timeout: float = WAIT) -> None:
-        assert self.events[name].wait(timeout), f"timed out waiting for {name!r}"
-
-    def is_set(self, name: str) -> bool:
-        return self.events[name].is_set()
-
-    def __getitem__(self, key: str) -> Any:
-        return self.data[key]
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class Gate:
-    """An event the test thread sets and a coroutine on the server's loop awaits."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open = False
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-    def set(self) -> None:
-        with self._lock:
-            self._open = True
-            waiters, self._waiters = self._waiters, []
-        for loop, future in waiters:
-            with contextlib.suppress(RuntimeError):  # loop closed
-                loop.call_soon_threadsafe(_resolve, future)
-
-    async def wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            if self._open:
-                return
-            self._waiters.append((loop, future))
-        await future
 
 
 class Outer:

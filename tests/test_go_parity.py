@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import await_done
 
 import ctxmiddleware as cm
 from ctxmiddleware import (
@@ -97,6 +98,19 @@ def parent_cancel_ctx(child: Context) -> _CancelCtx | None:
 
 def watchers() -> int:
     return ctxmod._foreign_watchers
+
+
+@contextlib.contextmanager
+def frozen_core_clock() -> Iterator[None]:
+    """The core's time.monotonic() stands still inside the block (a deadline
+    timer firing meanwhile finds itself early and re-arms)."""
+    now = time.monotonic()
+    saved = ctxmod._monotonic
+    ctxmod._monotonic = lambda: now
+    try:
+        yield
+    finally:
+        ctxmod._monotonic = saved
 
 
 def live_thread_timers() -> int:
@@ -590,8 +604,11 @@ def test_allocs_no_threads_no_timers() -> None:
         cancel()
         assert c.done().wait(QUIESCENT)
 
-        c, cancel = with_timeout(bg, 0.005)
-        cancel()
+        # The core's clock stands still from with_timeout to cancel (as if
+        # both ran within 5 ms): cancel() wins however slow the machine is.
+        with frozen_core_clock():
+            c, cancel = with_timeout(bg, 0.005)
+            cancel()
         assert c.done().wait(QUIESCENT)
         assert isinstance(c.err(), Canceled)
 
@@ -1315,7 +1332,7 @@ def test_example_with_cancel() -> None:
 
         async def gen() -> None:
             n = 1
-            done = asyncio.ensure_future(_await(ctx.done()))
+            done = asyncio.ensure_future(await_done(ctx.done()))
             try:
                 while True:
                     put = asyncio.ensure_future(out.put(n))
@@ -1342,10 +1359,6 @@ def test_example_with_cancel() -> None:
     assert asyncio.run(main()) == [1, 2, 3, 4, 5]
 
 
-async def _await(d: Done) -> None:
-    await d
-
-
 def test_example_with_deadline() -> None:
     """E2. ExampleWithDeadline."""
     ctx, cancel = with_deadline(bg, time.monotonic() + SHORT)
@@ -1365,7 +1378,7 @@ def test_example_with_timeout() -> None:
         ctx, cancel = with_timeout(bg, SHORT)
         try:
             overslept = asyncio.ensure_future(asyncio.sleep(QUIESCENT))
-            done = asyncio.ensure_future(_await(ctx.done()))
+            done = asyncio.ensure_future(await_done(ctx.done()))
             finished, _ = await asyncio.wait(
                 {overslept, done}, return_when=asyncio.FIRST_COMPLETED
             )
