@@ -29,6 +29,7 @@ The drivers are imported only when a helper is called.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import struct
@@ -37,6 +38,7 @@ from typing import Any
 
 from .._core import (
     Context,
+    after_func,
     async_errors_as_ctx_err,
     cancellation_as_ctx_err,
     current,
@@ -137,6 +139,7 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
             # Waiting for the pool is part of the request's time.
             async with async_errors_as_ctx_err(ctx), ctx.scope():
                 conn = await stack.enter_async_context(conn_or_pool.acquire())
+            stack.push_async_callback(_PoolSideCancel(ctx, conn_or_pool, conn).aclose)
         # asyncpg sends its CancelRequest from a task of its own, so even a
         # level-triggered cancellation cannot interrupt it: no side channel.
         tr = conn.transaction()
@@ -148,6 +151,65 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
                 await _set_statement_timeout(ctx, conn.execute)
                 yield conn
             ctx.check()  # done after the block: roll back rather than commit
+
+
+class _PoolSideCancel:
+    """A faster cancel for an asyncpg pool's query: ``pg_cancel_backend()``
+    over an idle connection of the same pool, besides asyncpg's own.
+
+    asyncpg cancels with a CancelRequest on a new connection, for which
+    PostgreSQL forks a process: several ms, tens under load (bench/bench_cascade.py).
+    An idle pooled connection asks in one round trip. Both go, the first to
+    land ends the query; asyncpg still waits for its own before the ROLLBACK.
+    Only when asyncpg is cancelling a query, never with the pool exhausted
+    (nobody waits for us); a late one hitting the ROLLBACK is repaired like a
+    late CancelRequest (``_asyncpg_repair``). The helper waits for it before
+    the connection goes back to the pool, so it cannot hit another request's query.
+    """
+
+    __slots__ = ("closed", "conn", "loop", "pool", "stop", "task", "tries")
+
+    def __init__(self, ctx: Context, pool: Any, conn: Any) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pool = pool
+        self.conn = conn
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.tries = 0
+        self.stop = after_func(ctx, self._from_thread)
+
+    def _from_thread(self) -> None:
+        with contextlib.suppress(RuntimeError):  # (the loop is closed)
+            self.loop.call_soon_threadsafe(self._start)
+
+    def _start(self) -> None:
+        if self.closed or self.task is not None:
+            return
+        raw = getattr(self.conn, "_con", None) or self.conn  # a PoolConnectionProxy's
+        cancelling = getattr(getattr(raw, "_protocol", None), "_is_cancelling", None)
+        if cancelling is None or self.pool.get_idle_size() < 1:
+            return
+        if not cancelling():
+            # The task's cancellation may not have reached asyncpg yet: look
+            # again for a few loop iterations (none if no query was running).
+            self.tries += 1
+            if self.tries < 20:
+                self.loop.call_soon(self._start)
+            return
+        self.task = self.loop.create_task(self._cancel(raw.get_server_pid()))
+
+    async def _cancel(self, pid: int) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0), self.pool.acquire(timeout=0.1) as other:
+                await other.execute("SELECT pg_cancel_backend($1)", pid)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self.stop()
+        task = self.task
+        if task is not None and not task.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
 
 
 def _asyncpg_repair(conn: Any, tr: Any) -> Callable[[bool], Awaitable[None] | None]:

@@ -109,7 +109,11 @@ class WsgiRequest(Request):
     started = False
     replaced = False
     sent_body = False
+    flushed = False  # the server's start_response was called (once, ever)
+    ours = False  # the pending response is the middleware's answer
     expect: int = -1  # the response's Content-Length, -1 if none
+    _pending: tuple[str, list[tuple[str, str]]] | None = None
+    _server_write: Callable[[bytes], object] | None = None
     _it: Iterator[bytes] | None = None
     _inner: Any = None
     _answer: bytes | None = None
@@ -191,11 +195,24 @@ class WsgiRequest(Request):
 
     # -- the response --------------------------------------------------------
 
+    # The app's status and headers are held (pending) until the first body
+    # bytes, or the end of an empty body, are handed to the server: only then
+    # is the server's start_response called, once. An answer of ours (the
+    # timeout status, 499, 500) replaces a pending start: a server that
+    # appends the headers of a second start_response call (gunicorn) never
+    # sees one. Once the server has the headers, a replacement aborts.
+
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
         if self.replaced:
             return _discard
+        if exc_info is not None and self.flushed:
+            # Too late to replace the headers (PEP 3333: re-raise).
+            try:
+                raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
         code = int(status[:3])
         if code == 500 and self.root.err() is not None and self._answer is None:
             # The app's error handler made a 500 of the request's own
@@ -208,6 +225,8 @@ class WsgiRequest(Request):
                     exc_info = (type(current_exc), current_exc, current_exc.__traceback__)
             self._answer = self.answer_done(exc_info)
             return _discard
+        if exc_info is None and (self.started or self.flushed):
+            raise AssertionError("start_response() called again without exc_info")
         rid_name = self.config.request_id_header
         rid_str = rid_name.decode("latin-1")
         out = []
@@ -225,7 +244,50 @@ class WsgiRequest(Request):
         environ = self.environ
         if self.expect == 0 or (environ is not None and environ.get("REQUEST_METHOD") == "HEAD"):
             self.complete = True  # nothing (more) to send after the headers
-        return self.server_start_response(status, out, exc_info)
+        self._pending = (status, out)
+        self.ours = False
+        return self.write
+
+    def flush(self) -> None:
+        """Hand the pending status and headers to the server (the body follows)."""
+        pending = self._pending
+        if pending is None or self.flushed:
+            return
+        self._pending = None
+        self.flushed = True
+        self._server_write = self.server_start_response(pending[0], pending[1])
+
+    def write(self, data: bytes) -> None:
+        """The app's ``write`` callable (PEP 3333's imperative API)."""
+        if self.ours:
+            return  # we answered for the app
+        if not self.flushed:
+            self.flush()
+        server_write = self._server_write
+        if server_write is None:
+            raise AssertionError("write() before start_response()")
+        if data:
+            self.sent_body = True
+        server_write(data)
+
+    def _replace(self, code: int, body: bytes, exc_info: ExcInfo | None) -> None:
+        """Our answer replaces the pending start; abort if the server has the headers."""
+        if self.flushed:
+            if exc_info is not None:
+                raise exc_info[1].with_traceback(exc_info[2])
+            err = self.root.err()
+            raise err if err is not None else RuntimeError("the response started")
+        self.status = code
+        rid = self.config.request_id_header.decode("latin-1")
+        self._pending = (
+            _status_line(code),
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                (rid, self.request_id),
+            ],
+        )
+        self.ours = True
 
     def answer_done(self, exc_info: ExcInfo | None) -> bytes:
         """The root is done and the app gave up: the timeout status for a
@@ -236,31 +298,18 @@ class WsgiRequest(Request):
             self.answered_timeout = True
         else:
             code, body = 499, b""
-        self.status = code
-        rid = self.config.request_id_header.decode("latin-1")
-        self.server_start_response(
-            _status_line(code),
-            [
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(body))),
-                (rid, self.request_id),
-            ],
-            exc_info,
-        )
+        self._replace(code, body, exc_info)
         return body
 
+    def answer_now(self, exc_info: ExcInfo | None) -> list[bytes]:
+        """:meth:`answer_done` as a whole response (a list, not our iterator)."""
+        body = self.answer_done(exc_info)
+        self.flush()
+        return [body]
+
     def answer_plain(self, code: int, body: bytes, exc_info: ExcInfo | None) -> list[bytes]:
-        rid = self.config.request_id_header.decode("latin-1")
-        self.status = code
-        self.server_start_response(
-            _status_line(code),
-            [
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(body))),
-                (rid, self.request_id),
-            ],
-            exc_info,
-        )
+        self._replace(code, body, exc_info)
+        self.flush()
         return [body]
 
     def app_raised(self, exc: BaseException) -> list[bytes]:
@@ -276,7 +325,7 @@ class WsgiRequest(Request):
                     if not isinstance(exc, ContextError):
                         _log.debug("ctxmiddleware: error while cancelled", exc_info=True)
                     exc_info = (type(exc), exc, exc.__traceback__) if self.started else None
-                    return [self.answer_done(exc_info)]
+                    return self.answer_now(exc_info)
                 self.failed = True
                 if not self.started:
                     _log.error(
@@ -298,6 +347,7 @@ class WsgiRequest(Request):
             if close is not None:
                 close()
             body = self._answer
+            self.flush()
             self.finish()
             return [body]
         self._inner = result
@@ -313,8 +363,10 @@ class WsgiRequest(Request):
             if self._answer is not None:
                 body = self._answer
                 self._answer = b""
+                self.flush()
                 if body:
                     return body
+            self.flush()
             raise StopIteration
         root = self.root
         err = root.err()
@@ -325,6 +377,7 @@ class WsgiRequest(Request):
             chunk = next(it)
         except StopIteration:
             self.complete = True
+            self.flush()  # an empty body: the headers go now
             raise
         except Exception as exc:
             if root.err() is not None and (
@@ -335,6 +388,12 @@ class WsgiRequest(Request):
             raise
         finally:
             CURRENT_CONTEXT.reset(token)
+        if self.ours:
+            # The app's error handler answered for our cancellation while
+            # iterating (start_response with a 500): our answer, not its body.
+            return self._stop_early()
+        if not self.flushed:
+            self.flush()
         if chunk:
             self.sent_body = True
             expect = self.expect
@@ -355,21 +414,26 @@ class WsgiRequest(Request):
         root = self.root
         err = root.err()
         if self.client_gone or isinstance(cause(root), ClientDisconnected):
+            self.flush()
             raise StopIteration  # nobody to send to
-        if not self.sent_body:
+        if self.ours and self._pending is not None:
+            body = self._answer or b""  # answered already (the app's 500 handler)
+            self._answer = None
+            self.flush()
+            if body:
+                return body
+            raise StopIteration
+        if not self.flushed:
             info: ExcInfo | None = None
             if self.started:
                 e = exc if exc is not None else err
                 assert e is not None
                 info = (type(e), e, e.__traceback__)
-            try:
-                body = self.answer_done(info)
-            except Exception:  # the headers went out already
-                pass
-            else:
-                if body:
-                    return body
-                raise StopIteration
+            body = self.answer_done(info)  # replaces the app's pending start
+            self.flush()
+            if body:
+                return body
+            raise StopIteration
         # The response started: abort it (never a response that looks whole).
         assert err is not None
         raise err
@@ -405,6 +469,7 @@ class WsgiRequest(Request):
                 watcher().unwatch_probe(self)
         self.probe = None
         self._it = None
+        self._server_write = None
         environ = self.environ
         self.environ = None
         root = self.root

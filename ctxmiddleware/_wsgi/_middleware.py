@@ -87,9 +87,9 @@ class WSGIContextMiddleware:
             if request.deadline_at <= request.arrival:
                 # The caller's budget was spent on arrival: 504 without the app.
                 root.err()
-                body = request.answer_done(None)
+                answer = request.answer_now(None)
                 request.finish()
-                return [body]
+                return answer
             request.begin(environ)
             try:
                 result = self.app(environ, request.start_response)
