@@ -178,38 +178,47 @@ class Watcher:
                     for fd in list(self.by_fd):
                         poller.register(fd, _HANGUP | (0 if _POLLRDHUP else select.POLLIN))
                 events = poller.poll(None if timeout is None else timeout * 1000)
-            for fd, _mask in events:
-                if fd == wake_r:
-                    try:
-                        while os.read(wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                    continue
-                request = self.by_fd.get(fd)
-                # The event may be stale (the request ended, and a new request
-                # got the same fd number): confirm it on the socket itself.
-                if request is not None and _hung_up(fd):
-                    self._gone(fd, request)
-                elif ep is None and request is not None:
-                    # poll() without POLLRDHUP woke for bytes (pipelined):
-                    # stop polling this fd, or it would spin.
-                    self.by_fd.pop(fd, None)
-                    self._poll_changed = True
+            # (In methods, not here: a local of this loop would keep the last
+            # request it named alive while the thread sleeps.)
+            if events:
+                self._events(events, wake_r)
             if fresh:
                 self._grace(fresh)
             if self.probes:
+                self._ask_probes()
+
+    def _events(self, events: list[tuple[int, int]], wake_r: int) -> None:
+        for fd, _mask in events:
+            if fd == wake_r:
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            request = self.by_fd.get(fd)
+            # The event may be stale (the request ended, and a new request
+            # got the same fd number): confirm it on the socket itself.
+            if request is not None and _hung_up(fd):
+                self._gone(fd, request)
+            elif self._epoll is None and request is not None:
+                # poll() without POLLRDHUP woke for bytes (pipelined):
+                # stop polling this fd, or it would spin.
+                self.by_fd.pop(fd, None)
+                self._poll_changed = True
+
+    def _ask_probes(self) -> None:
+        with self._lock:
+            probes = list(self.probes.items())
+        for request, probe in probes:
+            try:
+                gone = probe()
+            except Exception:
+                gone = False
+            if gone:
                 with self._lock:
-                    probes = list(self.probes.items())
-                for request, probe in probes:
-                    try:
-                        gone = probe()
-                    except Exception:
-                        gone = False
-                    if gone:
-                        with self._lock:
-                            self.probes.pop(request, None)
-                        _tell(request)
+                    self.probes.pop(request, None)
+                _tell(request)
 
     def _grace(self, fresh: deque[Watched]) -> None:
         limit = time.monotonic() - self.grace
