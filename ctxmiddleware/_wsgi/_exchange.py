@@ -70,17 +70,36 @@ class _BodyWatch:
                 request.body_read()
         return data
 
+    def _failed(self) -> None:
+        """Reading raised OSError (the client reset the connection: gunicorn's
+        ``ConnectionResetError``, ``NoMoreData``): the client is gone."""
+        request = self._request
+        if request is not None:
+            self._request = None
+            request.client_left()
+
     def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            return self._got(self._raw.read(), None)
-        return self._got(self._raw.read(size), size)
+        try:
+            data = self._raw.read() if size is None or size < 0 else self._raw.read(size)
+        except OSError:
+            self._failed()
+            raise
+        return self._got(data, None if size is None or size < 0 else size)
 
     def readline(self, size: int | None = -1) -> bytes:
-        data = self._raw.readline() if size is None or size < 0 else self._raw.readline(size)
+        try:
+            data = self._raw.readline() if size is None or size < 0 else self._raw.readline(size)
+        except OSError:
+            self._failed()
+            raise
         return self._got(data, size)
 
     def readlines(self, hint: int = -1) -> list[bytes]:
-        lines = self._raw.readlines(hint) if hint and hint > 0 else self._raw.readlines()
+        try:
+            lines = self._raw.readlines(hint) if hint and hint > 0 else self._raw.readlines()
+        except OSError:
+            self._failed()
+            raise
         for line in lines:
             self._got(line, -1)
         if hint is None or hint <= 0:
@@ -156,7 +175,15 @@ class WsgiRequest(Request):
             # A short body is read ahead (the server has it, or will in a
             # moment), so that a client leaving while the app does not read
             # its body is seen.
-            environ["wsgi.input"] = io.BytesIO(environ["wsgi.input"].read(size))
+            try:
+                data = environ["wsgi.input"].read(size)
+            except OSError:
+                # The client reset the connection mid-body: it is gone (the
+                # middleware answers 499 without the app).
+                environ["wsgi.input"] = io.BytesIO(b"")
+                self.client_left()
+                return
+            environ["wsgi.input"] = io.BytesIO(data)
             self.body_read()
             return
         left = size

@@ -91,6 +91,11 @@ class WSGIContextMiddleware:
                 request.finish()
                 return answer
             request.begin(environ)
+            if request.client_gone:
+                # The client reset the connection while its body was read ahead.
+                answer = request.answer_now(None)
+                request.finish()
+                return answer
             try:
                 result = self.app(environ, request.start_response)
             except BaseException as exc:
