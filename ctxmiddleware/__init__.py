@@ -50,6 +50,9 @@ from ._wsgi import WSGIContextMiddleware
 __all__ = [
     "ContextTransport",
     "SyncContextTransport",
+    "arq_enqueue",
+    "arq_job",
+    "install_celery",
     "aiosqlite_interruptible",
     "asyncpg_transaction",
     "httpx_async_client",
@@ -131,6 +134,9 @@ _LAZY = {
     "sqlalchemy_session": "._integrations._postgres",
     "aiosqlite_interruptible": "._integrations._sqlite",
     "sqlite_interruptible": "._integrations._sqlite",
+    "install_celery": "._integrations._celery",
+    "arq_enqueue": "._integrations._arq",
+    "arq_job": "._integrations._arq",
 }
 
 

@@ -1,0 +1,66 @@
+"""What a background job inherits from the request that enqueued it.
+
+A job is stamped, when enqueued, with the request id and the request's
+deadline as an absolute wall-clock instant (``time.time()``: the worker is
+another process, maybe another machine, so the monotonic clock does not
+travel); the worker gives the job a root context with that id and deadline.
+Shared by the Celery and arq integrations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from .._core import (
+    REQUEST_ID,
+    CancelFunc,
+    Context,
+    background,
+    with_cancel,
+    with_deadline,
+    with_value,
+)
+
+__all__ = ["STAMP_KEY", "job_context", "seconds_left", "stamp_of"]
+
+STAMP_KEY = "ctxmiddleware"
+"""The Celery header / arq keyword argument that carries the stamp."""
+
+
+def stamp_of(ctx: Context) -> dict[str, Any] | None:
+    """``{"request_id": ..., "deadline": <epoch seconds>}`` (each only if set), or None."""
+    stamp: dict[str, Any] = {}
+    request_id = ctx.value(REQUEST_ID)
+    if request_id is not None:
+        stamp["request_id"] = request_id
+    remaining = ctx.remaining()
+    if remaining is not None:
+        stamp["deadline"] = time.time() + remaining
+    return stamp or None
+
+
+def job_context(stamp: object, base: Context | None = None) -> tuple[Context, CancelFunc]:
+    """A root context for a job: the stamp's request id and deadline (a
+    malformed stamp is ignored, piece by piece)."""
+    ctx = background() if base is None else base
+    request_id = stamp.get("request_id") if isinstance(stamp, dict) else None
+    if isinstance(request_id, str) and 0 < len(request_id) <= 128:
+        ctx = with_value(ctx, REQUEST_ID, request_id)
+    deadline = stamp.get("deadline") if isinstance(stamp, dict) else None
+    if (
+        isinstance(deadline, (int, float))
+        and not isinstance(deadline, bool)
+        and math.isfinite(deadline)
+    ):
+        left = min(deadline - time.time(), 10 * 365 * 86400.0)
+        return with_deadline(ctx, time.monotonic() + left)
+    return with_cancel(ctx)
+
+
+def seconds_left(stamp: dict[str, Any] | None) -> float | None:
+    """The stamp's budget left now, in seconds (None: no deadline)."""
+    if stamp is None or "deadline" not in stamp:
+        return None
+    return float(stamp["deadline"]) - time.time()
