@@ -16,19 +16,23 @@ cancelled query, leaving the connection ``idle in transaction (aborted)``:
 A COMMIT is never interrupted either, and one that completes is never
 reported as a failure: a cancellation of the task that lands while it runs is
 held by :class:`CommitOutcome` until the helper returns, then delivered again
-at the task's next suspension. So a handler can rely on one rule: if the
-helper returned, the transaction committed; if it raised ``ctx.err()``, it
-rolled back.
+at the task's next suspension. Nor is what follows a COMMIT, handing the
+connection back to the pool (release, reset, the session's close): see
+:class:`ReleaseStack`. So a handler can rely on one rule: if the helper
+returned, the transaction committed; if it raised ``ctx.err()``, it rolled
+back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
@@ -38,12 +42,15 @@ from .._core import Context, after_func, redeliver_cancellation
 __all__ = [
     "CommitOutcome",
     "OutOfBandCancel",
+    "ReleaseStack",
     "finish_uninterrupted",
     "run_to_end",
     "statement_timeout_ms",
 ]
 
 T = TypeVar("T")
+
+_log = logging.getLogger("ctxmiddleware")
 
 # A cancel request normally completes in a few ms; bound the wait so a dead
 # server cannot hang the request.
@@ -159,19 +166,8 @@ async def run_to_end(
     is called (close the connection: its state is unknown) and ``TimeoutError``
     (or the pending cancellation) is raised.
     """
-    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(aw)
-    cancelled: asyncio.CancelledError | None = None
-    end = loop.time() + _CANCEL_WAIT
-    with anyio.CancelScope(shield=True):
-        while not task.done():
-            left = end - loop.time()
-            if left <= 0:
-                break
-            try:
-                await asyncio.wait((task,), timeout=left)
-            except asyncio.CancelledError as exc:
-                cancelled = exc
+    cancelled = await _wait_shielded(task)
     if not task.done():
         task.cancel()
         task.add_done_callback(_consume)
@@ -187,6 +183,24 @@ async def run_to_end(
         _consume(task)
         raise cancelled
     return task.result()
+
+
+async def _wait_shielded(task: asyncio.Future[Any]) -> asyncio.CancelledError | None:
+    """Wait for ``task`` at most ``_CANCEL_WAIT`` seconds, cancellations held
+    off; returns the one that arrived meanwhile (the last), if any."""
+    loop = asyncio.get_running_loop()
+    cancelled: asyncio.CancelledError | None = None
+    end = loop.time() + _CANCEL_WAIT
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            left = end - loop.time()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait((task,), timeout=left)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+    return cancelled
 
 
 class CommitOutcome:
@@ -218,6 +232,75 @@ class CommitOutcome:
         if task is not None and redeliver_cancellation(task):
             return
         raise cancelled
+
+
+# Releases still running when a helper stopped waiting (see ReleaseStack).
+_releasing: set[asyncio.Future[Any]] = set()
+
+
+def _released(task: asyncio.Future[Any]) -> None:
+    _releasing.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        _log.warning(
+            "ctxmiddleware: handing a connection back to its pool failed after"
+            " the COMMIT (the transaction committed)", exc_info=exc,
+        )
+
+
+class ReleaseStack(contextlib.AsyncExitStack):
+    """A helper's exit stack (the pool's connection, the session, the guards),
+    whose exit after a COMMIT never reports the transaction as failed.
+
+    If the block ended without an error (the COMMIT succeeded), the exit
+    (handing the connection back to the pool: asyncpg's release and reset,
+    psycopg_pool's ``putconn``, SQLAlchemy's session close) runs to its end
+    like the COMMIT (:func:`run_to_end`): a cancellation that lands meanwhile
+    is kept in ``outcome`` and delivered again at the task's next suspension
+    after the helper returns (:class:`CommitOutcome`), and an error of the
+    release is logged, not raised. The wait is bounded (``_CANCEL_WAIT``,
+    5 s): a release still running then (a pool reset that hangs) is left to
+    finish in the background, ``on_timeout()`` is called (set it once the
+    connection is known: close the connection if the pool has not taken it
+    back yet) and the helper returns all the same.
+
+    After an error (the transaction rolled back, or its outcome is unknown)
+    the exit runs as any exit stack's.
+    """
+
+    def __init__(self, outcome: CommitOutcome) -> None:
+        super().__init__()
+        self.outcome = outcome
+        self.on_timeout: Callable[[], object] | None = None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        if exc_type is not None:
+            return await super().__aexit__(exc_type, exc, tb)
+        task = asyncio.ensure_future(super().__aexit__(None, None, None))
+        cancelled = await _wait_shielded(task)
+        if cancelled is not None:
+            self.outcome.cancelled = cancelled  # it committed: report that first
+        if task.done():
+            _released(task)
+            return False
+        _releasing.add(task)
+        task.add_done_callback(_released)
+        on_timeout = self.on_timeout
+        if on_timeout is not None:
+            try:
+                on_timeout()
+            except Exception:
+                _log.warning("ctxmiddleware: closing an unreleased connection failed",
+                             exc_info=True)
+        _log.warning(
+            "ctxmiddleware: the pool did not take the connection back within %ss of"
+            " the COMMIT; the release goes on in the background", _CANCEL_WAIT,
+        )
+        return False
 
 
 @contextlib.asynccontextmanager

@@ -20,7 +20,15 @@ Each helper opens a transaction that:
   completes is never reported as a failure, even when the deadline passed
   (or the client left) while it ran: the cancellation that landed then is
   delivered at the caller's next ``await`` after the helper returns (see
-  :class:`._guard.CommitOutcome`);
+  :class:`._guard.CommitOutcome`). The same holds for what follows the
+  COMMIT: handing the connection back to the pool (asyncpg's release and
+  ``reset``, psycopg_pool's ``putconn``, SQLAlchemy's session close) runs to
+  its end uninterrupted, and its errors are logged, not raised. If the pool
+  has not taken the connection back 5 s after the COMMIT (a ``reset`` hook
+  that hangs), the helper returns all the same and the release goes on in
+  the background; an asyncpg connection still held by it is terminated (the
+  pool opens a new one); psycopg_pool runs its ``reset`` in its own worker,
+  so the helper never waits for it (see :class:`._guard.ReleaseStack`);
 * leaves the connection clean: no ``idle in transaction (aborted)`` backend is
   left and the pool can reuse it.
 
@@ -44,7 +52,13 @@ from .._core import (
     current,
     raise_if_done,
 )
-from ._guard import CommitOutcome, OutOfBandCancel, finish_uninterrupted, statement_timeout_ms
+from ._guard import (
+    CommitOutcome,
+    OutOfBandCancel,
+    ReleaseStack,
+    finish_uninterrupted,
+    statement_timeout_ms,
+)
 
 __all__ = [
     "asyncpg_transaction",
@@ -132,7 +146,7 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
     async with (
         CommitOutcome() as outcome,
         cancellation_as_ctx_err(ctx),
-        contextlib.AsyncExitStack() as stack,
+        ReleaseStack(outcome) as stack,
     ):
         conn = conn_or_pool
         if isinstance(conn_or_pool, asyncpg.Pool):
@@ -143,6 +157,7 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
         # asyncpg sends its CancelRequest from a task of its own, so even a
         # level-triggered cancellation cannot interrupt it: no side channel.
         tr = conn.transaction()
+        stack.on_timeout = _terminate_unreleased(conn)
         async with (
             async_errors_as_ctx_err(ctx),
             finish_uninterrupted(tr, conn.terminate, _asyncpg_repair(conn, tr), outcome),
@@ -210,6 +225,18 @@ class _PoolSideCancel:
         if task is not None and not task.done():
             with contextlib.suppress(BaseException):
                 await asyncio.shield(task)
+
+
+def _terminate_unreleased(conn: Any) -> Callable[[], None]:
+    """Terminate a pool's asyncpg connection that the pool has not taken back
+    (its release hangs after the COMMIT): the pool then opens a new one."""
+
+    def terminate() -> None:
+        raw = getattr(conn, "_con", None)  # a PoolConnectionProxy's, until released
+        if raw is not None:
+            raw.terminate()
+
+    return terminate
 
 
 def _asyncpg_repair(conn: Any, tr: Any) -> Callable[[bool], Awaitable[None] | None]:
@@ -295,7 +322,7 @@ async def psycopg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
     async with (
         CommitOutcome() as outcome,
         cancellation_as_ctx_err(ctx),
-        contextlib.AsyncExitStack() as stack,
+        ReleaseStack(outcome) as stack,
     ):
         conn = conn_or_pool
         if not hasattr(conn_or_pool, "pgconn"):
@@ -496,7 +523,7 @@ async def sqlalchemy_session(
     async with (
         CommitOutcome() as outcome,
         cancellation_as_ctx_err(ctx),
-        contextlib.AsyncExitStack() as stack,
+        ReleaseStack(outcome) as stack,
     ):
         session = await stack.enter_async_context(session_factory())
         async with (
