@@ -239,3 +239,16 @@ def test_options_are_checked() -> None:
                 "x-envoy-expected-rq-timeout-ms": None,
             },
         )
+
+
+def test_the_readme_table_lists_every_header() -> None:
+    from ctxmiddleware._request._config import DEFAULT_BUDGET_HEADERS
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Across services", 1)[1].split("\n## ", 1)[0]
+    names = [
+        "x-request-timeout-ms", *DEFAULT_BUDGET_HEADERS, "X-Request-Start", "x-request-id",
+        "traceparent", "grpc-timeout", "x-envoy-upstream-rq-timeout-ms", "expires", "_expires",
+    ]
+    for name in names:
+        assert f"| `{name}`" in section or f"`{name}`" in section, name
