@@ -50,8 +50,10 @@ from ._wsgi import WSGIContextMiddleware
 __all__ = [
     "ContextTransport",
     "SyncContextTransport",
+    "arq_abort_on_cancel",
     "arq_enqueue",
     "arq_job",
+    "celery_revoke_on_cancel",
     "install_celery",
     "aiosqlite_interruptible",
     "asyncpg_transaction",
@@ -135,6 +137,8 @@ _LAZY = {
     "aiosqlite_interruptible": "._integrations._sqlite",
     "sqlite_interruptible": "._integrations._sqlite",
     "install_celery": "._integrations._celery",
+    "celery_revoke_on_cancel": "._integrations._celery",
+    "arq_abort_on_cancel": "._integrations._arq",
     "arq_enqueue": "._integrations._arq",
     "arq_job": "._integrations._arq",
 }

@@ -59,3 +59,4 @@ class WorkerSettings:
     queue_name = QUEUE
     poll_delay = 0.05
     keep_result = 300
+    allow_abort_jobs = True

@@ -255,7 +255,7 @@ def _arq_result(arq_env: dict[str, Any], job_id: str) -> Any:
             job = Job(job_id, redis, _queue_name=arq_env["queue"])
             try:
                 return await job.result(timeout=30), await job.result_info()
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:  # (an aborted job)
                 return exc, await job.result_info()
         finally:
             await redis.aclose()
@@ -351,3 +351,83 @@ def test_stamp_round_trip() -> None:
     assert past.err() is not None
     for fn in (cancel, job_cancel, past_cancel):
         fn()
+
+
+# -- request-bound jobs: revoked / aborted when the request is cut short ------------------
+
+
+def _bound_web(enqueue: Any) -> Any:
+    """``/bound?path=P&hold=1``: enqueue a job (deferred 1.5 s) bound to the
+    request, then hold the request open until the client leaves; without
+    ``hold`` the request ends normally right away (the job must still run)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if p)
+        await enqueue(query["path"])
+        if "hold" in query:
+            await asyncio.sleep(30)  # cancelled when the client leaves
+        await _json(send, {})
+
+    return ContextMiddleware(app, timeout=30)
+
+
+def _leave_early(server: RunningServer, path: str) -> None:
+    with server.connect() as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        time.sleep(0.3)  # the job is enqueued; the client goes away
+
+
+def test_celery_request_bound_job_is_revoked_when_the_client_leaves(
+    celery_env: dict[str, Any], tmp_path: pathlib.Path
+) -> None:
+    import ctxmiddleware
+
+    tasks = celery_env["app"]
+    sent: list[Any] = []
+
+    async def enqueue(path: str) -> None:
+        result = tasks.mark.apply_async(args=[path], countdown=1.5)
+        ctxmiddleware.celery_revoke_on_cancel(result)
+        sent.append(result)
+
+    left, stayed = tmp_path / "left", tmp_path / "stayed"
+    with serve(_bound_web(enqueue)) as web:
+        _leave_early(web, f"/bound?path={left}&hold=1")
+        _call(web, f"/bound?path={stayed}")  # ends normally: the job runs
+        assert sent[1].get(timeout=30) is True
+        deadline = time.monotonic() + 10
+        while sent[0].state != "REVOKED" and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert sent[0].state == "REVOKED"
+    time.sleep(0.5)
+    assert stayed.exists() and not left.exists()
+
+
+def test_arq_request_bound_job_is_aborted_when_the_client_leaves(
+    arq_env: dict[str, Any], tmp_path: pathlib.Path
+) -> None:
+    from arq import create_pool
+    from arq_app import REDIS
+
+    import ctxmiddleware
+
+    ids: list[str] = []
+
+    async def enqueue(path: str) -> None:
+        redis = await create_pool(REDIS, default_queue_name=arq_env["queue"])
+        job = await ctxmiddleware.arq_enqueue(redis, "mark", path, _defer_by=1.5)
+        assert job is not None
+        ctxmiddleware.arq_abort_on_cancel(job)
+        ids.append(job.job_id)
+
+    left, stayed = tmp_path / "left", tmp_path / "stayed"
+    with serve(_bound_web(enqueue)) as web:
+        _leave_early(web, f"/bound?path={left}&hold=1")
+        _call(web, f"/bound?path={stayed}")
+        result, _ = _arq_result(arq_env, ids[1])
+        assert result is True
+        result, _ = _arq_result(arq_env, ids[0])
+    assert isinstance(result, asyncio.CancelledError), repr(result)  # arq's abort
+    assert stayed.exists() and not left.exists()

@@ -28,15 +28,19 @@ runs as it would without the decorator.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .._core import CURRENT_CONTEXT, DeadlineExceeded, current
-from ._jobs import STAMP_KEY, job_context, seconds_left, stamp_of
+from .._core import CURRENT_CONTEXT, Context, DeadlineExceeded, after_func, current
+from ._jobs import STAMP_KEY, cut_short, job_context, seconds_left, stamp_of
 
-__all__ = ["arq_enqueue", "arq_job"]
+__all__ = ["arq_abort_on_cancel", "arq_enqueue", "arq_job"]
+
+_aborting: set[asyncio.Task[Any]] = set()
 
 T = TypeVar("T")
 
@@ -82,3 +86,33 @@ def arq_job(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             CURRENT_CONTEXT.reset(token)
 
     return job
+
+
+def arq_abort_on_cancel(job: Any, ctx: Context | None = None) -> Callable[[], bool]:
+    """Make an enqueued job request-bound: abort it (arq's ``Job.abort``) if the
+    request is cut short (the client leaves, the deadline passes); not when
+    the request just ends.
+
+    Call it in the event loop, with the ``Job`` that :func:`arq_enqueue`
+    returned; ``ctx`` defaults to ``current()``. The worker needs
+    ``allow_abort_jobs = True``: a queued job is then not started, a running
+    one is cancelled. Returns ``stop()`` (see :func:`~ctxmiddleware.after_func`).
+    """
+    ctx = current() if ctx is None else ctx
+    loop = asyncio.get_running_loop()
+
+    async def abort() -> None:
+        with contextlib.suppress(Exception):
+            await job.abort(timeout=0)
+
+    def start() -> None:
+        task = loop.create_task(abort())
+        _aborting.add(task)
+        task.add_done_callback(_aborting.discard)
+
+    def fire() -> None:
+        if cut_short(ctx):
+            with contextlib.suppress(RuntimeError):  # (the loop is closed)
+                loop.call_soon_threadsafe(start)
+
+    return after_func(ctx, fire)

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from .._core import CURRENT_CONTEXT, current
-from ._jobs import STAMP_KEY, job_context, stamp_of
+from .._core import CURRENT_CONTEXT, Context, after_func, current
+from ._jobs import STAMP_KEY, cut_short, job_context, stamp_of
 
-__all__ = ["install_celery"]
+__all__ = ["celery_revoke_on_cancel", "install_celery"]
 
 _installed = False
 _lock = threading.Lock()
@@ -107,3 +108,23 @@ def _stamp(request: Any) -> Any:
         if isinstance(headers, dict):
             stamp = headers.get(STAMP_KEY)
     return stamp if isinstance(stamp, dict) else None
+
+
+def celery_revoke_on_cancel(result: Any, ctx: Context | None = None) -> Callable[[], bool]:
+    """Make a sent task request-bound: revoke it if the request is cut short
+    (the client leaves, the deadline passes); not when the request just ends.
+
+    ``result`` is the ``AsyncResult`` that ``delay()`` / ``apply_async()``
+    returned; ``ctx`` defaults to ``current()``. A job not started yet is then
+    discarded by the worker; a running one is not interrupted (Celery's
+    ``revoke`` without ``terminate``), it still ends at the deadline if it
+    honours its context. Returns ``stop()`` (see :func:`~ctxmiddleware.after_func`).
+    """
+    ctx = current() if ctx is None else ctx
+    revoke = result.revoke
+
+    def fire() -> None:
+        if cut_short(ctx):
+            revoke()
+
+    return after_func(ctx, fire)

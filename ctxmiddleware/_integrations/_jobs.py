@@ -16,14 +16,17 @@ from typing import Any
 from .._core import (
     REQUEST_ID,
     CancelFunc,
+    ClientDisconnected,
     Context,
+    DeadlineExceeded,
     background,
+    cause,
     with_cancel,
     with_deadline,
     with_value,
 )
 
-__all__ = ["STAMP_KEY", "job_context", "seconds_left", "stamp_of"]
+__all__ = ["STAMP_KEY", "cut_short", "job_context", "seconds_left", "stamp_of"]
 
 STAMP_KEY = "ctxmiddleware"
 """The Celery header / arq keyword argument that carries the stamp."""
@@ -64,3 +67,9 @@ def seconds_left(stamp: dict[str, Any] | None) -> float | None:
     if stamp is None or "deadline" not in stamp:
         return None
     return float(stamp["deadline"]) - time.time()
+
+
+def cut_short(ctx: Context) -> bool:
+    """``ctx`` ended because the client left or the deadline passed (not
+    because the request simply returned, which also cancels its root)."""
+    return isinstance(ctx.err(), DeadlineExceeded) or isinstance(cause(ctx), ClientDisconnected)
