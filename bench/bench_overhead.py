@@ -117,9 +117,10 @@ VARIANTS = {
     "j": "FastAPI response_model + sync Depends(settings) + ContextMiddleware (defaults)",
     "k": "FastAPI response_model + async Depends(settings), bare",
     "l": "FastAPI response_model + async Depends(settings) + ContextMiddleware (defaults)",
+    "m": "ContextMiddleware (timeout=30) + ctxmiddleware.enable_stats()",
 }
 # What each variant's ratio is computed against: its own bare app.
-BASELINE = {v: "a" for v in "abcdefgh"} | {"i": "i", "j": "i", "k": "k", "l": "k"}
+BASELINE = {v: "a" for v in "abcdefghm"} | {"i": "i", "j": "i", "k": "k", "l": "k"}
 # The variants the wrk and in-process modes know (the FastAPI ones are --instructions only).
 STARLETTE_VARIANTS = "abcdefgh"
 # A variant's import, to tell what the running Python can serve (--here).
@@ -508,6 +509,11 @@ def build_app(variant: str) -> Any:
         app.add_middleware(PassThroughMiddleware)
     elif variant == "h":
         app.add_middleware(MinimalContextMiddleware)
+    elif variant == "m":
+        import ctxmiddleware
+
+        ctxmiddleware.enable_stats()
+        app.add_middleware(ctxmiddleware.ContextMiddleware, timeout=30)
     elif variant != "a":
         raise ValueError(variant)
     return app

@@ -40,9 +40,14 @@ from ._core import (
 )
 from ._integrations._logging import RequestContextFilter, add_request_context
 from ._request import (
+    Stats,
+    disable_stats,
+    enable_stats,
     request_id,
     set_request_context,
     set_request_timeout,
+    set_route,
+    stats,
     with_request_value,
 )
 from ._wsgi import WSGIContextMiddleware
@@ -80,6 +85,11 @@ __all__ = [
     "set_request_context",
     "set_request_timeout",
     "with_request_value",
+    "Stats",
+    "disable_stats",
+    "enable_stats",
+    "set_route",
+    "stats",
     "CancelCauseFunc",
     "CancelFunc",
     "CancelScope",

@@ -32,6 +32,13 @@ from ._context import (
 )
 from ._driver_errors import async_errors_as_ctx_err, errors_as_ctx_err, raise_if_done
 from ._errors import Canceled, ContextError, DeadlineExceeded
+from ._keys import AUTH_TOKEN, CLIENT_IP, REQUEST_ID, TRACEPARENT, ClientDisconnected, Secret
+from ._scope import (
+    CancelScope,
+    TaskCancellation,
+    cancellation_as_ctx_err,
+    redeliver_cancellation,
+)
 from ._stats import (
     cancel_counts,
     count_cancel,
@@ -39,13 +46,6 @@ from ._stats import (
     note_wait,
     set_cancel_listener,
     set_wait_observer,
-)
-from ._keys import AUTH_TOKEN, CLIENT_IP, REQUEST_ID, TRACEPARENT, ClientDisconnected, Secret
-from ._scope import (
-    CancelScope,
-    TaskCancellation,
-    cancellation_as_ctx_err,
-    redeliver_cancellation,
 )
 from ._wire import (
     BUDGET_FORMATS,

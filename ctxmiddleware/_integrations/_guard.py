@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from .._core import Context, after_func, redeliver_cancellation
+from .._core import Context, after_func, count_cancel, note_wait, redeliver_cancellation
 
 __all__ = [
     "CommitOutcome",
@@ -69,15 +69,24 @@ class OutOfBandCancel:
     closed: a statement started after the context was done is stopped too.
     """
 
-    __slots__ = ("_again", "_cancel", "_closed", "_closing", "_finished", "_stop")
+    __slots__ = (
+        "_again", "_cancel", "_closed", "_closing", "_finished", "_kind", "_stop", "_unwait"
+    )
 
     def __init__(
         self,
         ctx: Context,
         cancel: Callable[[], object],
         again: Callable[[], object] | None = None,
+        *,
+        kind: str = "db",
+        what: str | None = None,
     ) -> None:
+        """``kind``: the driver, as ``stats()`` counts the cancels sent;
+        ``what``: what the request waits on meanwhile (the live requests page)."""
         self._cancel = cancel
+        self._kind = kind
+        self._unwait = None if what is None else note_wait(ctx, what)
         self._again = again
         self._closed = False
         self._closing = threading.Event()
@@ -86,6 +95,7 @@ class OutOfBandCancel:
 
     def _run(self) -> None:
         try:
+            count_cancel(self._kind)
             self._cancel()
             again = self._again
             if again is not None:
@@ -123,6 +133,8 @@ class OutOfBandCancel:
         if self._closed:
             return self._finished.is_set()
         self._closed = True
+        if self._unwait is not None:
+            self._unwait()
         if self._stop():
             return False
         self._closing.set()

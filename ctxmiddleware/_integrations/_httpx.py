@@ -40,6 +40,7 @@ from .._core import (
     DeadlineExceeded,
     after_func,
     current,
+    downstream_call,
     format_grpc_timeout,
     parse_budget_ms,
     parse_grpc_timeout,
@@ -214,8 +215,9 @@ class ContextTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         ctx = self._propagation.prepare(request, is_async=True)
-        async with ctx.scope():
-            response = await self._transport.handle_async_request(request)
+        with downstream_call(ctx, "httpx", f"HTTP call to {request.url.netloc.decode()}"):
+            async with ctx.scope():
+                response = await self._transport.handle_async_request(request)
         assert isinstance(response.stream, httpx.AsyncByteStream)
         return httpx.Response(
             status_code=response.status_code,
@@ -376,7 +378,8 @@ class SyncContextTransport(httpx.BaseTransport):
         token = _active_socket.set(in_flight)
         stop = after_func(ctx, in_flight.abort)
         try:
-            response = self._transport.handle_request(request)
+            with downstream_call(ctx, "httpx", f"HTTP call to {request.url.netloc.decode()}"):
+                response = self._transport.handle_request(request)
         except BaseException as exc:
             # Whatever went wrong, the socket must not be shut down later:
             # the pool may hand it to another request.

@@ -50,6 +50,7 @@ from .._core import (
     async_errors_as_ctx_err,
     cancellation_as_ctx_err,
     current,
+    downstream_call,
     raise_if_done,
 )
 from ._guard import (
@@ -162,9 +163,11 @@ async def asyncpg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
             async_errors_as_ctx_err(ctx),
             finish_uninterrupted(tr, conn.terminate, _asyncpg_repair(conn, tr), outcome),
         ):
-            async with ctx.scope():
-                await _set_statement_timeout(ctx, conn.execute)
-                yield conn
+            # (asyncpg sends the CancelRequest itself when the task is cancelled.)
+            with downstream_call(ctx, "asyncpg", "PostgreSQL transaction"):
+                async with ctx.scope():
+                    await _set_statement_timeout(ctx, conn.execute)
+                    yield conn
             ctx.check()  # done after the block: roll back rather than commit
 
 
@@ -328,7 +331,9 @@ async def psycopg_transaction(conn_or_pool: Any, ctx: Context | None = None) -> 
         if not hasattr(conn_or_pool, "pgconn"):
             async with async_errors_as_ctx_err(ctx), ctx.scope():
                 conn = await stack.enter_async_context(conn_or_pool.connection())
-        guard = OutOfBandCancel(ctx, _driver_cancel(conn))
+        guard = OutOfBandCancel(
+            ctx, _driver_cancel(conn), kind="psycopg", what="PostgreSQL transaction"
+        )
         stack.push_async_callback(guard.aclose)
         repair = _psycopg_repair(conn) if _psycopg_idle(conn) else None
         async with (
@@ -463,7 +468,10 @@ def psycopg_transaction_sync(conn_or_pool: Any, ctx: Context | None = None) -> I
                     else conn_or_pool.connection(timeout=remaining)
                 )
             cancel = _driver_cancel(conn)
-            guard = OutOfBandCancel(ctx, cancel, again=_if_active(conn, cancel))
+            guard = OutOfBandCancel(
+                ctx, cancel, again=_if_active(conn, cancel),
+                kind="psycopg", what="PostgreSQL transaction",
+            )
             stack.callback(guard.close)
             owned = _psycopg_idle(conn)  # not a SAVEPOINT inside the caller's transaction
             try:
@@ -536,7 +544,12 @@ async def sqlalchemy_session(
                     # The pool checkout happens here, interruptible.
                     connection = await session.connection()
                     raw = await connection.get_raw_connection()
-                    guard = OutOfBandCancel(ctx, _driver_cancel(raw.driver_connection))
+                    driver = raw.driver_connection
+                    guard = OutOfBandCancel(
+                        ctx, _driver_cancel(driver),
+                        kind="psycopg" if hasattr(driver, "pgconn") else "asyncpg",
+                        what="PostgreSQL transaction",
+                    )
                     stack.push_async_callback(guard.aclose)
                     ms = statement_timeout_ms(ctx)
                     if ms is not None:

@@ -46,7 +46,9 @@ def sqlite_interruptible(
     """
     ctx = current() if ctx is None else ctx
     ctx.check()
-    guard = OutOfBandCancel(ctx, conn.interrupt, again=conn.interrupt)
+    guard = OutOfBandCancel(
+        ctx, conn.interrupt, again=conn.interrupt, kind="sqlite", what="SQLite statement"
+    )
     try:
         with _interrupt_as_ctx_err(ctx):
             yield conn
@@ -65,7 +67,9 @@ async def aiosqlite_interruptible(db: Any, ctx: Context | None = None) -> AsyncI
     ctx = current() if ctx is None else ctx
     ctx.check()
     raw: sqlite3.Connection = db._connection  # aiosqlite keeps the sqlite3 connection here
-    guard = OutOfBandCancel(ctx, raw.interrupt, again=raw.interrupt)
+    guard = OutOfBandCancel(
+        ctx, raw.interrupt, again=raw.interrupt, kind="aiosqlite", what="SQLite statement"
+    )
     try:
         with _interrupt_as_ctx_err(ctx):
             async with ctx.scope():

@@ -17,6 +17,21 @@ from ._headers import escape_for_log, new_request_id, sane_request_id
 from ._ids import CustomRequestId
 from ._outcome import Outcome, decide_outcome, log_outcome
 from ._request import EAGER_BODY_LIMIT, Request, request_of, set_request_timeout
+from ._stats import (
+    LATENCY_BUCKETS,
+    REMAINING_BUCKETS,
+    BudgetHistogram,
+    Finished,
+    InFlight,
+    Recorder,
+    Stats,
+    active_recorder,
+    cause_name,
+    disable_stats,
+    enable_stats,
+    set_route,
+    stats,
+)
 
 __all__ = [
     "CustomRequestId",
@@ -39,4 +54,21 @@ __all__ = [
     "set_request_context",
     "set_request_timeout",
     "with_request_value",
+]
+
+# Statistics (issue 11).
+__all__ += [
+    "LATENCY_BUCKETS",
+    "REMAINING_BUCKETS",
+    "BudgetHistogram",
+    "Finished",
+    "InFlight",
+    "Recorder",
+    "Stats",
+    "active_recorder",
+    "cause_name",
+    "disable_stats",
+    "enable_stats",
+    "set_route",
+    "stats",
 ]

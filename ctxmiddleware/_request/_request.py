@@ -45,6 +45,10 @@ _monotonic = time.monotonic
 _INF = math.inf
 _UNSET: Any = object()
 
+# The statistics hook (``ctxmiddleware.enable_stats``, _stats.Recorder): None
+# while off, when a request pays one global lookup at its start and its end.
+recorder: Any = None
+
 EAGER_BODY_LIMIT = 64 * 1024
 """Bodies up to this size may be read ahead (to see a disconnect while the
 app does not read); larger or unknown ones never are: they keep the server's
@@ -154,6 +158,8 @@ class Request:
             for key, extra in config.values(hook_arg):
                 parent = with_value(parent, key, extra)
         self.root = RootContext(parent, self, when)
+        if recorder is not None and timed:  # (a websocket is not counted)
+            recorder.started(self, hook_arg)
 
     def _read_headers(self, headers: Iterable[tuple[bytes, bytes]], timed: bool) -> bytes | None:
         """Note the headers we read (request id, budget, token, framing, forwarding
@@ -336,6 +342,8 @@ class Request:
             if outcome is Outcome.DEADLINE and (self.answered_timeout or not status):
                 status = self.config.timeout_status
             log_outcome(outcome, method, path, status, self.request_id)
+        if recorder is not None:
+            recorder.ended(self, outcome, method, path)
         self.root.end()
         # The root keeps this request (its value source) for as long as the
         # app keeps the context; the request must not keep the root, or every
