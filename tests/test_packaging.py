@@ -42,7 +42,11 @@ NOT_AT_IMPORT = [
 ]
 
 # Import name -> distribution name, where they differ.
-DISTRIBUTION = {"yaml": "pyyaml"}
+DISTRIBUTION = {
+    "yaml": "pyyaml",
+    "prometheus_client": "prometheus-client",
+    "opentelemetry": "opentelemetry-api",
+}
 
 
 def _pyproject() -> dict[str, Any]:
