@@ -56,7 +56,8 @@ ctxmiddleware demo: {url} (Ctrl-C to stop). Try, in another terminal:
   curl -i '{url}/report?seconds=5'                     # slow SQL query; Ctrl-C stops it in the DB
   curl -i '{url}/fanout'                               # downstream call + query, cancelled together
   curl -i -H 'Authorization: Bearer s3cret' '{url}/values'  # values; the token stays redacted
-  curl -i '{url}/background'                           # answers now; a BackgroundTask runs after\
+  curl -i '{url}/background'                           # answers now; a BackgroundTask runs after
+Live requests page (in flight, outcomes, latencies): {url}/debug/requests/\
 """
 
 

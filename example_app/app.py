@@ -27,10 +27,11 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 import ctxmiddleware
 from ctxmiddleware import AUTH_TOKEN, CLIENT_IP, REQUEST_ID, Context
+from ctxmiddleware.debugpage import RequestsPage
 
 from .db import Database
 
@@ -142,6 +143,8 @@ routes = [
     Route("/values", values),
     Route("/background", background),
     Route("/healthz", healthz),
+    # The live requests page (loopback clients only): what is running, how it ended.
+    Mount("/debug/requests", RequestsPage().asgi_app()),
 ]
 
 app = ctxmiddleware.ContextMiddleware(

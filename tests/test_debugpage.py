@@ -267,3 +267,11 @@ def test_wsgi_page() -> None:
     assert r.status_code == 403
     r = client.get("/?format=json", environ_base={"REMOTE_ADDR": "127.0.0.1"})
     assert r.json["enabled"] is True
+
+
+def test_the_demo_mounts_the_page_and_prints_its_url() -> None:
+    from example_app.__main__ import banner
+    from example_app.app import routes
+
+    assert any(getattr(r, "path", "") == "/debug/requests" for r in routes)
+    assert "http://localhost:8000/debug/requests/" in banner("127.0.0.1", 8000)

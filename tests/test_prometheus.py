@@ -180,3 +180,22 @@ def test_multiprocess_two_uvicorn_workers_scrape_sums_both(tmp_path: Path) -> No
     assert _sample(after, "ctxmiddleware_requests_total",
                    outcome="client_disconnected", method="GET", route="/soon") == 6
     assert _sample(after, "ctxmiddleware_cancel_remaining_budget_seconds_count") == 6
+
+
+def test_grafana_dashboard_queries_only_our_metrics() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    ours = {
+        "ctxmiddleware_requests_total", "ctxmiddleware_requests_in_flight",
+        "ctxmiddleware_cancel_remaining_budget_seconds_sum",
+        "ctxmiddleware_cancel_remaining_budget_seconds_bucket",
+        "ctxmiddleware_downstream_cancels_total",
+    }
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 6
+    for expr in exprs:
+        used = set(re.findall(r"ctxmiddleware_\w+", expr))
+        assert used and used <= ours, expr
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/grafana-dashboard.json" in readme
