@@ -40,6 +40,7 @@ from ._core import (
 )
 from ._integrations._logging import RequestContextFilter, add_request_context
 from ._request import (
+    RequestOptions,
     Stats,
     disable_stats,
     enable_stats,
@@ -70,6 +71,7 @@ __all__ = [
     "sqlite_interruptible",
     "RequestContext",
     "RequestContextFilter",
+    "RequestOptions",
     "RouteTimeout",
     "add_request_context",
     "AUTH_TOKEN",

@@ -6,17 +6,15 @@ import asyncio
 import datetime
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar, Unpack
 
-from .._core import CURRENT_CONTEXT, ClientDisconnected, Context
+from .._core import CURRENT_CONTEXT, ClientDisconnected
 from .._request import (
     CustomRequestId,
     Request,
     RequestConfig,
-    RequestIdFactory,
-    RequestIdValidator,
-    ValuesHook,
+    RequestOptions,
     positive_seconds,
     set_request_timeout,
 )
@@ -78,46 +76,18 @@ class ContextMiddleware:
     ``receive()`` and its own 500 for an app error carries the request id.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        timeout: float | datetime.timedelta | None = 30.0,
-        trusted_proxies: Iterable[str] = (),
-        forwarded_header: str = "x-forwarded-for",
-        request_id_header: str = "x-request-id",
-        timeout_header: str = "x-request-timeout-ms",
-        timeout_status: int = 504,
-        timeout_body: bytes = b"Gateway Timeout",
-        values: ValuesHook | None = None,
-        base: Context | None = None,
-        disconnect_grace: float = 0.001,
-        request_id_factory: RequestIdFactory | None = None,
-        request_id_validator: RequestIdValidator | None = None,
-        budget_headers: Mapping[str, str | None] | None = None,
-        request_start_header: str | None = "x-request-start",
-        request_id_from_traceparent: bool = False,
-    ) -> None:
+    def __init__(self, app: ASGIApp, **options: Unpack[RequestOptions]) -> None:
+        """``options``: see :class:`~ctxmiddleware.RequestOptions` (``timeout=30.0``,
+        ``trusted_proxies=()``, ``forwarded_header="x-forwarded-for"``,
+        ``request_id_header="x-request-id"``, ``timeout_header="x-request-timeout-ms"``,
+        ``timeout_status=504``, ``timeout_body=b"Gateway Timeout"``, ``values=None``,
+        ``base=None``, ``disconnect_grace=0.001``, ``request_id_factory=None``,
+        ``request_id_validator=None``, ``budget_headers=None``,
+        ``request_start_header="x-request-start"``, ``request_id_from_traceparent=False``)."""
         if not callable(app):
             raise TypeError(f"app must be an ASGI application, not {type(app).__name__}")
         self.app = app
-        self.config = RequestConfig.from_options(
-            timeout=timeout,
-            trusted_proxies=trusted_proxies,
-            forwarded_header=forwarded_header,
-            request_id_header=request_id_header,
-            timeout_header=timeout_header,
-            timeout_status=timeout_status,
-            timeout_body=timeout_body,
-            values=values,
-            base=base,
-            disconnect_grace=disconnect_grace,
-            request_id_factory=request_id_factory,
-            request_id_validator=request_id_validator,
-            budget_headers=budget_headers,
-            request_start_header=request_start_header,
-            request_id_from_traceparent=request_id_from_traceparent,
-        )
+        self.config = RequestConfig.from_options(**options)
         self.watchdog: Watchdog | None = None
         # (The options' requests only: the default path is unchanged.)
         self.request_type: type[AsgiRequest] = (

@@ -10,6 +10,7 @@ from ._config import (
     RequestConfig,
     RequestIdFactory,
     RequestIdValidator,
+    RequestOptions,
     ValuesHook,
     positive_seconds,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "Outcome",
     "Request",
     "RequestConfig",
+    "RequestOptions",
     "ValuesHook",
     "decide_outcome",
     "escape_for_log",

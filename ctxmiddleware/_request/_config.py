@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from .._core import BUDGET_FORMATS, Context, Key, background
 from ._headers import IPNetwork, parse_networks
@@ -15,6 +15,7 @@ from ._headers import IPNetwork, parse_networks
 __all__ = [
     "HeaderRole",
     "RequestConfig",
+    "RequestOptions",
     "RequestIdFactory",
     "RequestIdValidator",
     "ValuesHook",
@@ -84,6 +85,28 @@ def _header_name(value: object, what: str) -> bytes:
     if not _TOKEN.fullmatch(name):
         raise ValueError(f"{what} must be an HTTP header name, not {value!r}")
     return name
+
+
+class RequestOptions(TypedDict, total=False):
+    """The options every request middleware takes (``ContextMiddleware``,
+    ``WSGIContextMiddleware``), as keyword arguments; the defaults and the
+    checks are :meth:`RequestConfig.from_options`'s."""
+
+    timeout: float | datetime.timedelta | None
+    trusted_proxies: Iterable[str]
+    forwarded_header: str
+    request_id_header: str
+    timeout_header: str
+    timeout_status: int
+    timeout_body: bytes
+    values: ValuesHook | None
+    base: Context | None
+    disconnect_grace: float
+    request_id_factory: RequestIdFactory | None
+    request_id_validator: RequestIdValidator | None
+    budget_headers: Mapping[str, str | None] | None
+    request_start_header: str | None
+    request_id_from_traceparent: bool
 
 
 @dataclass(frozen=True, slots=True)

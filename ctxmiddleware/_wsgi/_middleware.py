@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
+from typing import Unpack
 
-from .._core import CURRENT_CONTEXT, Context
-from .._request import RequestConfig, ValuesHook
+from .._core import CURRENT_CONTEXT
+from .._request import RequestConfig, RequestOptions
 from ._environ import EnvironHeaders
 from ._exchange import ENVIRON_KEY, Environ, StartResponse, WsgiRequest
 
@@ -40,42 +40,19 @@ class WSGIContextMiddleware:
     ``ctx.done().wait()``, the sync database helpers and the sync httpx client.
     """
 
-    def __init__(
-        self,
-        app: WSGIApp,
-        *,
-        timeout: float | datetime.timedelta | None = 30.0,
-        trusted_proxies: Iterable[str] = (),
-        forwarded_header: str = "x-forwarded-for",
-        request_id_header: str = "x-request-id",
-        timeout_header: str = "x-request-timeout-ms",
-        timeout_status: int = 504,
-        timeout_body: bytes = b"Gateway Timeout",
-        values: ValuesHook | None = None,
-        base: Context | None = None,
-        disconnect_grace: float = 0.001,
-        budget_headers: Mapping[str, str | None] | None = None,
-        request_start_header: str | None = "x-request-start",
-        request_id_from_traceparent: bool = False,
-    ) -> None:
+    def __init__(self, app: WSGIApp, **options: Unpack[RequestOptions]) -> None:
+        """``options``: those of :class:`ContextMiddleware` (see
+        :class:`~ctxmiddleware.RequestOptions`), but ``request_id_factory`` and
+        ``request_id_validator``, not supported here yet (a ``ValueError``)."""
         if not callable(app):
             raise TypeError(f"app must be a WSGI application, not {type(app).__name__}")
         self.app = app
-        self.config = RequestConfig.from_options(
-            timeout=timeout,
-            trusted_proxies=trusted_proxies,
-            forwarded_header=forwarded_header,
-            request_id_header=request_id_header,
-            timeout_header=timeout_header,
-            timeout_status=timeout_status,
-            timeout_body=timeout_body,
-            values=values,
-            base=base,
-            disconnect_grace=disconnect_grace,
-            budget_headers=budget_headers,
-            request_start_header=request_start_header,
-            request_id_from_traceparent=request_id_from_traceparent,
-        )
+        self.config = RequestConfig.from_options(**options)
+        if self.config.custom_request_ids:
+            raise ValueError(
+                "request_id_factory and request_id_validator are not supported by "
+                "WSGIContextMiddleware yet"
+            )
         self.headers = EnvironHeaders(self.config)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
