@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ._asgi import ContextMiddleware, route_timeout
 from ._core import (
     AUTH_TOKEN,
+    CAUSE_CHAIN,
     CLIENT_IP,
     REQUEST_ID,
     TRACEPARENT,
@@ -78,6 +79,7 @@ __all__ = [
     "CLIENT_IP",
     "REQUEST_ID",
     "TRACEPARENT",
+    "CAUSE_CHAIN",
     "ClientDisconnected",
     "ContextMiddleware",
     "WSGIContextMiddleware",

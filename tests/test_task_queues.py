@@ -353,6 +353,43 @@ def test_stamp_round_trip() -> None:
         fn()
 
 
+def test_the_cause_chain_grows_from_request_to_job_to_job() -> None:
+    from ctxmiddleware import CAUSE_CHAIN, REQUEST_ID, background, with_value
+    from ctxmiddleware._integrations._jobs import MAX_CHAIN, job_context, stamp_of
+
+    request = with_value(background(), REQUEST_ID, "req-1")
+    assert request.value(CAUSE_CHAIN) is None  # a request served directly has none
+    stamp = stamp_of(request)
+    assert stamp is not None and stamp["chain"] == ["req-1"]
+    job, job_cancel = job_context(json.loads(json.dumps(stamp)))
+    assert job.value(CAUSE_CHAIN) == ("req-1",) and job.value(REQUEST_ID) == "req-1"
+    # The job works for the same request id: its own sub-job's chain does not repeat it.
+    sub_stamp = stamp_of(job)
+    assert sub_stamp is not None and sub_stamp["chain"] == ["req-1"]
+    # A job that took a new id (another request) extends the chain.
+    other = with_value(job, REQUEST_ID, "req-2")
+    other_stamp = stamp_of(other)
+    assert other_stamp is not None and other_stamp["chain"] == ["req-1", "req-2"]
+    # Bounded: a loop of jobs enqueueing jobs keeps the newest ids only.
+    deep = with_value(background(), CAUSE_CHAIN, tuple(f"r{i}" for i in range(100)))
+    deep_stamp = stamp_of(with_value(deep, REQUEST_ID, "last"))
+    assert deep_stamp is not None and len(deep_stamp["chain"]) == MAX_CHAIN
+    assert deep_stamp["chain"][-1] == "last"
+    job_cancel()
+
+
+@pytest.mark.parametrize(
+    "chain", [[], ["x"] * 33, ["a", 1], ["\nforged"], "req-1", [""], ["x" * 129]]
+)
+def test_a_malformed_cause_chain_is_ignored(chain: Any) -> None:
+    from ctxmiddleware import CAUSE_CHAIN
+    from ctxmiddleware._integrations._jobs import job_context
+
+    ctx, cancel = job_context({"request_id": "r", "chain": chain})
+    assert ctx.value(CAUSE_CHAIN) is None
+    cancel()
+
+
 # -- request-bound jobs: revoked / aborted when the request is cut short ------------------
 
 

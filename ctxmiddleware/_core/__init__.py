@@ -32,7 +32,15 @@ from ._context import (
 )
 from ._driver_errors import async_errors_as_ctx_err, errors_as_ctx_err, raise_if_done
 from ._errors import Canceled, ContextError, DeadlineExceeded
-from ._keys import AUTH_TOKEN, CLIENT_IP, REQUEST_ID, TRACEPARENT, ClientDisconnected, Secret
+from ._keys import (
+    AUTH_TOKEN,
+    CAUSE_CHAIN,
+    CLIENT_IP,
+    REQUEST_ID,
+    TRACEPARENT,
+    ClientDisconnected,
+    Secret,
+)
 from ._scope import (
     CancelScope,
     TaskCancellation,
@@ -60,6 +68,7 @@ from ._wire import (
 __all__ = [
     "AUTH_TOKEN",
     "BUDGET_FORMATS",
+    "CAUSE_CHAIN",
     "CLIENT_IP",
     "CURRENT_CONTEXT",
     "REQUEST_ID",

@@ -12,6 +12,7 @@ from ._context import Key
 
 __all__ = [
     "AUTH_TOKEN",
+    "CAUSE_CHAIN",
     "CLIENT_IP",
     "REQUEST_ID",
     "TRACEPARENT",
@@ -73,6 +74,10 @@ CLIENT_IP: Key[str] = Key("client_ip")
 
 AUTH_TOKEN: Key[Secret] = Key("auth_token")
 """The ``Authorization: Bearer`` credential, as a :class:`Secret`; absent without one."""
+
+CAUSE_CHAIN: Key[tuple[str, ...]] = Key("cause_chain")
+"""In a background job: the ids of the requests and jobs that led to it, oldest first
+(the request that enqueued it last). Absent in a request served directly."""
 
 TRACEPARENT: Key[str] = Key("traceparent")
 """The caller's W3C ``traceparent`` header, as sent (only if valid); absent without one.
