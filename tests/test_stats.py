@@ -170,7 +170,20 @@ def test_disconnect_without_deadline_counted_apart() -> None:
     assert hist.no_deadline == 1 and hist.count == 0 and not math.isinf(hist.sum)
 
 
-@pytest.mark.parametrize("kind", ["uvicorn-h11", "hypercorn"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "uvicorn-h11",
+        pytest.param(
+            "hypercorn",
+            marks=pytest.mark.skipif(
+                sys.version_info >= (3, 12),
+                reason="hypercorn on Python 3.12+ does not cancel an in-flight request at "
+                "shutdown: it waits for the client to leave (then: client_disconnected)",
+            ),
+        ),
+    ],
+)
 def test_server_shutdown_outcome(kind: str) -> None:
     entered = threading.Event()
     options: dict[str, Any] = (
