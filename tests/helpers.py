@@ -61,6 +61,27 @@ class Probe:
         return self.data[key]
 
 
+class Outer:
+    """Wraps the middleware: records what it raised and when it returned."""
+
+    def __init__(self, app: Any, probe: Probe) -> None:
+        self.app = app
+        self.probe = probe
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        exc: BaseException | None = None
+        try:
+            await self.app(scope, receive, send)
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            self.probe.set("mw_done", mw_exc=exc, scope_ctx=scope.get("state", {}).get("ctx"))
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)

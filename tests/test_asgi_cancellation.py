@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Gate, Probe
+from helpers import Gate, Outer, Probe
 from servers import SERVERS, RunningServer, raw_request, read_response, serve
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -55,27 +55,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # -- synchronisation between the test thread and the server's loop ----------
-
-
-class Outer:
-    """Wraps the middleware: records what it raised and when it returned."""
-
-    def __init__(self, app: Any, probe: Probe) -> None:
-        self.app = app
-        self.probe = probe
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        exc: BaseException | None = None
-        try:
-            await self.app(scope, receive, send)
-        except BaseException as e:
-            exc = e
-            raise
-        finally:
-            self.probe.set("mw_done", mw_exc=exc, scope_ctx=scope["state"]["ctx"])
 
 
 def wrap(routes: list[Route], probe: Probe, **options: Any) -> Outer:

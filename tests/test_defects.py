@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Gate, Probe
+from helpers import Gate, Outer, Probe
 from servers import SERVERS, raw_request, serve
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -52,23 +52,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-class Outer:
-    """A pure ASGI wrapper: sets ``probe["mw_done"]`` when the app it wraps returns."""
-
-    def __init__(self, app: Any, probe: Probe) -> None:
-        self.app = app
-        self.probe = probe
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.probe.set("mw_done")
 
 
 class LogCatcher(logging.Handler):
