@@ -3,6 +3,7 @@
     python bench/chaos.py                          # 5,000 requests per server
     python bench/chaos.py --requests 500 --seed 7  # CI size (tests/test_chaos_ci.py)
     python bench/chaos.py --servers hypercorn --markdown
+    python bench/chaos.py --requests 10000 --floor   # RSS beside the app without it
 
 Every server runs in a subprocess of its own (so its RSS and its log are its
 own): uvicorn with httptools, uvicorn with h11, hypercorn (asyncio loop, so
@@ -42,7 +43,13 @@ violation: exit status 1):
   200 is there, every rolled-back one is not (SQLite: the same);
 * every completed upload's sha256 matched, every status was one its fate allows;
 * RSS growth (after a warm-up of 200 requests, gc'd) below 5 MB per 10,000
-  requests (at least one unit of 5 MB: allocator noise);
+  requests (at least one unit of 5 MB: allocator noise). The server's RSS after
+  each tenth of the requests is printed too (a leak grows in a line; an
+  allocator's high-water mark levels off). With ``--floor`` each ASGI server
+  also runs the same fates without the middleware, and the limit applies to
+  what the middleware adds: the stack alone (uvicorn keeping reset connections
+  for their keep-alive timeout, the drivers, glibc's and pymalloc's retained
+  arenas) grows by about as much (bench/RESULTS.md, "Chaos soak");
 * no "Task exception was never retrieved" and no "Exception in ASGI
   application" in the server's log, and no other traceback. asyncpg's known
   "Future exception was never retrieved" (a pool acquire cancelled mid-connect,
@@ -324,8 +331,12 @@ def build_asgi_app(table: str, app_name: str, outcomes_path: str, sqlite_path: s
         return Starlette(routes=routes, exception_handlers={ChaosError: chaos_error})
 
     added = starlette()
-    added.add_middleware(ContextMiddleware, timeout=10)
-    wrapped = ContextMiddleware(starlette(), timeout=10)
+    if os.environ.get("CHAOS_FLOOR"):
+        # --floor: the same app and fates without the middleware, for RSS only.
+        wrapped = starlette()
+    else:
+        added.add_middleware(ContextMiddleware, timeout=10)
+        wrapped = ContextMiddleware(starlette(), timeout=10)
 
     async def debug(send: Any) -> None:
         body = json.dumps(debug_report(res, sqlite_out[0])).encode()
@@ -933,6 +944,8 @@ class ServerRun:
     seconds: float = 0.0
     rss_start: int = 0
     rss_end: int = 0
+    rss_curve: list[tuple[int, int]] = field(default_factory=list)  # (requests, RSS)
+    floor: ServerRun | None = None  # --floor: the same run without the middleware
     final: dict[str, Any] = field(default_factory=dict)
     pg_dirty: list[tuple[Any, ...]] = field(default_factory=list)
     rows: dict[str, Any] = field(default_factory=dict)
@@ -942,16 +955,18 @@ class ServerRun:
 
 
 def run_server(
-    kind: str, n: int, seed: int, concurrency: int, table: str, tmp: Path
+    kind: str, n: int, seed: int, concurrency: int, table: str, tmp: Path,
+    floor: bool = False,
 ) -> ServerRun:
     import psycopg
 
     wsgi = kind in WSGI_SERVERS
     run = ServerRun(kind, n)
-    app_name = f"chaos-{os.getpid()}-{kind}"
-    outcomes = tmp / f"{kind}.outcomes"
-    sqlite_path = tmp / f"{kind}.sqlite"
-    logfile = tmp / f"{kind}.log"
+    name = f"{kind}-floor" if floor else kind
+    app_name = f"chaos-{os.getpid()}-{name}"
+    outcomes = tmp / f"{name}.outcomes"
+    sqlite_path = tmp / f"{name}.sqlite"
+    logfile = tmp / f"{name}.log"
     import sqlite3
 
     with sqlite3.connect(sqlite_path) as conn:
@@ -959,6 +974,8 @@ def run_server(
         conn.execute("CREATE TABLE rows (rid TEXT PRIMARY KEY)")
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCH)]))
+    if floor:
+        env["CHAOS_FLOOR"] = "1"
     args = ["--table", table, "--app-name", app_name, "--outcomes", str(outcomes),
             "--sqlite", str(sqlite_path)]
     if wsgi:
@@ -981,7 +998,13 @@ def run_server(
                 _wait_settled(port, 10)
                 run.rss_start = _debug(port)["rss"]
                 t0 = time.monotonic()
-                run.results = list(pool.map(lambda p: run_one(p, port), plans[WARMUP:]))
+                # In tenths, with the server's RSS after each (from /proc: no
+                # request, no gc): a leak grows in a line, an allocator's
+                # high-water mark levels off.
+                step = max(1, n // 10)
+                for i in range(WARMUP, n + WARMUP, step):
+                    run.results += pool.map(lambda p: run_one(p, port), plans[i:i + step])
+                    run.rss_curve.append((len(run.results), _rss_of(proc.pid)))
                 run.seconds = time.monotonic() - t0
             run.final = _wait_settled(port, 15)
             run.rss_end = run.final["rss"]
@@ -1004,10 +1027,17 @@ def run_server(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+    if floor:
+        return run
     check_rows(run, table, outcomes, sqlite_path, app_name)
     check_log(run, logfile)
     check_run(run)
     return run
+
+
+def _rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _wait_settled(port: int, timeout: float) -> dict[str, Any]:
@@ -1138,6 +1168,18 @@ def check_run(run: ServerRun) -> None:
         violate(run, "rss", f"RSS grew {growth / MB:.1f} MB (limit {rss_limit(run.n) / MB:.1f} MB)")
 
 
+def check_rss_over_floor(run: ServerRun) -> None:
+    """--floor: the limit applies to what the middleware adds to the floor's growth."""
+    floor = run.floor
+    assert floor is not None
+    run.violations = [v for v in run.violations if not v.startswith("RSS grew")]
+    run.known = [k for k in run.known if not k.startswith("RSS grew")]
+    added = (run.rss_end - run.rss_start) - (floor.rss_end - floor.rss_start)
+    if added >= rss_limit(run.n):
+        violate(run, "rss", f"RSS grew {added / MB:.1f} MB more than without the middleware"
+                f" (limit {rss_limit(run.n) / MB:.1f} MB)")
+
+
 # -- the report -----------------------------------------------------------------------
 
 
@@ -1150,6 +1192,21 @@ def render_table(head: list[str], rows: list[list[str]], markdown: bool) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*["-" * w for w in widths])]
                      + [fmt.format(*r) for r in rows])
+
+
+def render_rss(runs: list[ServerRun], markdown: bool) -> str:
+    """The server's RSS after each tenth of the requests (MB over the start)."""
+    rows = []
+    for run in runs:
+        for label, r in ((run.kind, run), (f"{run.kind} (floor)", run.floor)):
+            if r is None or not r.rss_curve:
+                continue
+            rows.append([label, f"{r.rss_start / MB:.1f}"] + [
+                f"+{(rss - r.rss_start) / MB:.1f}@{done}" for done, rss in r.rss_curve
+            ] + [f"{(r.rss_end - r.rss_start) / MB:+.2f}"])
+    width = max((len(r) for r in rows), default=0)
+    head = ["server", "RSS start MB"] + [f"tenth {i}" for i in range(1, width - 2)] + ["final"]
+    return render_table(head, [r + [""] * (width - len(r)) for r in rows], markdown)
 
 
 def render(runs: list[ServerRun], markdown: bool) -> str:
@@ -1233,6 +1290,11 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=12)
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the table and the logs")
+    p.add_argument(
+        "--floor", action="store_true",
+        help="also run each ASGI server's fates without the middleware; the RSS limit then"
+        " applies to the growth the middleware adds",
+    )
     p.add_argument("--fates", default=None, help="comma-separated: only these fates")
     p.add_argument(
         "--allow", default="",
@@ -1274,6 +1336,9 @@ def main() -> int:
             n = a.requests // 5 if kind in WSGI_SERVERS else a.requests
             t0 = time.monotonic()
             run = run_server(kind, n, seed, a.concurrency, table, tmp)
+            if a.floor and kind not in WSGI_SERVERS:
+                run.floor = run_server(kind, n, seed, a.concurrency, table, tmp, floor=True)
+                check_rss_over_floor(run)
             print(f"chaos: {kind}: {n} requests in {time.monotonic() - t0:.1f} s, "
                   f"{len(run.violations)} violation(s)", flush=True)
             runs.append(run)
@@ -1283,6 +1348,8 @@ def main() -> int:
                 conn.execute(f"DROP TABLE IF EXISTS {table}")
     print()
     print(render(runs, a.markdown))
+    print()
+    print(render_rss(runs, a.markdown))
     print()
     print(render_fates(runs, a.markdown))
     for run in runs:

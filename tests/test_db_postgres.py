@@ -598,7 +598,7 @@ def test_client_disconnect_stops_query_on_server(
     exc = probe.wait_ended()
     assert _is_cancellation(exc), repr(exc)
     ms = (t_idle - t_close) * 1000
-    print(f"{served.server.kind} {driver}: backend idle {ms:.1f} ms after close")
+    print(f"{served.server.server} {driver}: backend idle {ms:.1f} ms after close")
     served.assert_healthy(driver, monitor)
 
 
