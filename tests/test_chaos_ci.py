@@ -6,15 +6,15 @@ against uvicorn (httptools, h11), hypercorn and, when the WSGI adapter is
 there, gunicorn, with asyncpg, psycopg, SQLAlchemy and SQLite handlers, then
 checks that nothing leaked (request objects, tasks, timers, pool
 connections, PostgreSQL sessions), that every row is there exactly when its
-transaction committed, that uploads arrived intact, that RSS stayed flat and
-that the server logs are clean. Any violation fails the build.
+transaction committed, that uploads arrived intact and that the server
+logs are clean. Any violation fails the build, except (``--allow``):
 
-Open findings, reported but allowed here (``--allow``) until they are fixed;
-every other violation fails the build:
-
-* ``rss``: RSS grows by 13-24 MB per 5,000 requests on the ASGI servers in
-  the full soak (part of it: request contexts held by the copies of contextvars
-  in asyncio's cancelled timers, see the README's limits).
+* ``rss``: at CI size the whole run is the stack's warm-up (pools, thread
+  pools and the allocators' high-water mark settle after about 2,000
+  requests), so RSS is reported, not judged, here. The full soak judges it:
+  ``bench/chaos.py --requests 10000 --floor`` checks the growth after the
+  first fifth against the same fates without the middleware
+  (bench/RESULTS.md, "Chaos soak").
 
 Needs PostgreSQL at ``$CTXMIDDLEWARE_PG_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``): skipped when unreachable,
