@@ -1223,11 +1223,12 @@ def render_rss(runs: list[ServerRun], markdown: bool) -> str:
             if r is None or not r.rss_curve:
                 continue
             growth, over = steady_growth(r)
-            rows.append([label, f"{r.rss_start / MB:.1f}"] + [
+            rate = f"{len(r.results) / r.seconds:.0f}" if r.seconds else "-"
+            rows.append([label, rate, f"{r.rss_start / MB:.1f}"] + [
                 f"{(rss - r.rss_start) / MB:+.1f}@{done}" for done, rss in r.rss_curve
             ] + [f"{(r.rss_end - r.rss_start) / MB:+.2f}", f"{growth / MB:+.2f} / {over}"])
     width = max((len(r) for r in rows), default=0)
-    head = (["server", "RSS start MB"] + [f"tenth {i}" for i in range(1, width - 3)]
+    head = (["server", "req/s", "RSS start MB"] + [f"tenth {i}" for i in range(1, width - 4)]
             + ["final", "steady: growth / requests"])
     return render_table(head, [r + [""] * (width - len(r)) for r in rows], markdown)
 

@@ -14,13 +14,20 @@ import socket
 
 from ctxmiddleware.testing import SERVERS, RunningApp, serve_app
 
-__all__ = ["SERVERS", "RunningServer", "raw_request", "read_response", "serve"]
+__all__ = ["SERVERS", "RunningServer", "free_port", "raw_request", "read_response", "serve"]
 
 RunningServer = RunningApp
 """A served app: ``server`` (its kind), ``host``, ``port``, ``url``, ``connect()``."""
 
 serve = serve_app
 """``serve(app, server="uvicorn-h11", **server_options)``: serve until the block exits."""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for servers started in a subprocess)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def raw_request(

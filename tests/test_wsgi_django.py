@@ -57,7 +57,7 @@ def test_deadline_504_in_a_sync_view(server: RunningServer) -> None:
 
 
 def test_deadline_504_in_an_async_view(server: RunningServer) -> None:
-    if server.kind != "uvicorn":
+    if server.server != "uvicorn":
         pytest.skip("under WSGI an async view runs in asgiref's own loop: it awaits ctx.done()")
     t = uuid.uuid4().hex
     status, headers, body = get(server, f"/aslow?tag={t}", {"x-request-timeout-ms": "200"})
@@ -68,7 +68,7 @@ def test_deadline_504_in_an_async_view(server: RunningServer) -> None:
 
 @pytest.mark.parametrize("view", ["slow", "aslow"])
 def test_disconnect_cancels_the_context(server: RunningServer, view: str) -> None:
-    if view == "aslow" and server.kind != "uvicorn":
+    if view == "aslow" and server.server != "uvicorn":
         pytest.skip("under WSGI an async view runs in asgiref's own loop: it awaits ctx.done()")
     t = uuid.uuid4().hex
     sock = server.connect()

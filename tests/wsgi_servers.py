@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from servers import RunningServer, _free_port
+from servers import RunningServer, free_port
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -51,7 +51,7 @@ def serve_wsgi(
     kind: str, app_ref: str = "wsgi_apps:app", threads: int = 8, extra: list[str] | None = None
 ) -> Iterator[RunningServer]:
     """Serve ``app_ref`` ("module:attr") with ``kind`` until the block exits."""
-    port = _free_port()
+    port = free_port()
     if kind.startswith("gunicorn") or kind in ("uwsgi", "uvicorn"):
         if kind == "uvicorn":  # an ASGI app (Django's ASGI handler)
             cmd = [
