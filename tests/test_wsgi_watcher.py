@@ -9,22 +9,22 @@ import time
 import pytest
 
 from ctxmiddleware._wsgi import Watcher
+from ctxmiddleware._wsgi._watcher import ARM_AHEAD
 
 pytestmark = pytest.mark.timeout(30)
 
 
 class Probe:
     def __init__(self) -> None:
-        self.arrival = time.monotonic()
-        self.finished = False
+        self.deadline_at = time.monotonic() + ARM_AHEAD + 0.05
         self.left = threading.Event()
-        self.graced = threading.Event()
+        self.armed = threading.Event()
 
     def client_left(self) -> None:
         self.left.set()
 
-    def grace_over(self) -> None:
-        self.graced.set()
+    def arm_deadline(self) -> None:
+        self.armed.set()
 
 
 @pytest.fixture(params=[True, False], ids=["epoll", "poll"])
@@ -74,10 +74,12 @@ def test_probe_is_polled_until_it_reports(watcher: Watcher) -> None:
     assert watcher.watching() == 0
 
 
-def test_grace_over_only_for_requests_still_running(watcher: Watcher) -> None:
+def test_deadline_armed_only_for_requests_still_running(watcher: Watcher) -> None:
     running, ended = Probe(), Probe()
-    ended.finished = True
-    watcher.note(ended)
-    watcher.note(running)
-    assert running.graced.wait(5)
-    assert not ended.graced.is_set()
+    watcher.watch_deadline(ended)
+    watcher.watch_deadline(running)
+    watcher.unwatch_deadline(ended)  # it ended
+    assert running.armed.wait(5)
+    assert time.monotonic() >= running.deadline_at - ARM_AHEAD
+    assert not ended.armed.is_set()
+    assert watcher.timed == set()

@@ -22,7 +22,7 @@ class EnvironHeaders:
     means under ASGI (first request id, smallest budget, every forwarding hop).
     """
 
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "names", "rid_name")
 
     def __init__(self, config: RequestConfig) -> None:
         keys = []
@@ -32,6 +32,11 @@ class EnvironHeaders:
                 text = "HTTP_" + text
             keys.append((text, name))
         self.keys: tuple[tuple[str, bytes], ...] = tuple(keys)
+        #: The environ keys: most requests carry none of our headers, which
+        #: ``names.isdisjoint(environ)`` tells in C (WsgiRequest tests it).
+        self.names = frozenset(key for key, _ in keys)
+        #: The request id's response header (lower case), as WSGI wants it: a str.
+        self.rid_name = config.request_id_header.decode("latin-1")
 
     def pairs(self, environ: Environ) -> list[tuple[bytes, bytes]]:
         pairs: list[tuple[bytes, bytes]] = []

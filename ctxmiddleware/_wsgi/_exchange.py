@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -18,8 +20,9 @@ from .._core import (
     cause,
 )
 from .._request import EAGER_BODY_LIMIT, Request, RequestConfig
+from . import _watcher as _watcher_mod
 from ._environ import EnvironHeaders, client_probe
-from ._watcher import watcher
+from ._watcher import ARM_AHEAD, Watcher, hung_up, watcher
 
 __all__ = ["ENVIRON_KEY", "StartResponse", "WsgiRequest"]
 
@@ -46,6 +49,10 @@ def _status_line(status: int) -> str:
 
 def _discard(data: bytes) -> None:
     """The ``write`` of a response the middleware replaced."""
+
+
+_END: Any = object()  # next()'s default: the app's iterable is exhausted
+_INF = math.inf
 
 
 class _BodyWatch:
@@ -123,7 +130,6 @@ class WsgiRequest(Request):
 
     fd = -1
     probe: Callable[[], bool] | None = None
-    watched = False
     finished = False
     started = False
     replaced = False
@@ -136,6 +142,8 @@ class WsgiRequest(Request):
     _it: Iterator[bytes] | None = None
     _inner: Any = None
     _answer: bytes | None = None
+    _watcher: Watcher | None = None  # the client is watched (body read)
+    _timed_by: Watcher | None = None  # the watcher arms the deadline timer
     server_start_response: StartResponse
 
     def __init__(
@@ -144,32 +152,54 @@ class WsgiRequest(Request):
         environ: Environ,
         headers: EnvironHeaders,
     ) -> None:
-        Request.__init__(
-            self, config, environ.get("REMOTE_ADDR"), headers.pairs(environ), False, environ
-        )
+        # Most requests carry none of our headers: one test in C, not a
+        # lookup per header in Python.
+        pairs = [] if headers.names.isdisjoint(environ) else headers.pairs(environ)
+        Request.__init__(self, config, environ.get("REMOTE_ADDR"), pairs, False, environ)
         self.environ: Environ | None = environ
+        self.rid_name = headers.rid_name
 
     # -- watching ------------------------------------------------------------
 
     def begin(self, environ: Environ) -> None:
-        """The app is about to run: arm the deadline, watch the client once the
-        body is read (short bodies are read ahead)."""
-        # The deadline timer (the core's timer thread) is armed by the
-        # watcher thread once the disconnect grace is over, if the request is
-        # still running: most requests end before and never pay for it (their
-        # deadline is still enforced by err(), check() and done().wait()).
-        if self.urgent:
-            self.root.arm()
+        """The app is about to run: have the deadline timer armed, watch the
+        client once the body is read (short bodies are read ahead)."""
+        when = self.deadline_at
+        if when != _INF:
+            if when - self.arrival > ARM_AHEAD:
+                # The watcher thread arms the timer shortly before the
+                # deadline, if the request still runs then (see _watcher.py):
+                # most requests end long before and never arm it, which saves
+                # them ~8k instructions (under valgrind) and wakes no thread.
+                # (Until then err() and check() still compare the deadline
+                # with the clock.) The watcher used to arm it 1 ms after the
+                # start: a wake-up of that thread, and GIL hand-offs, for
+                # every slower request.
+                w = self._timed_by = _watcher_mod._watcher or watcher()
+                w.watch_deadline(self)
+            else:
+                self.root.arm()
+        sock = environ.get("gunicorn.socket")
+        if sock is not None:  # (client_probe()'s first case written out)
+            try:
+                fd, probe = int(sock.fileno()), None
+            except (OSError, ValueError, AttributeError):
+                return
         else:
-            watcher().note(self)
-        fd, probe = client_probe(environ)
+            fd, probe = client_probe(environ)
         if fd < 0 and probe is None:
             return
         self.fd = fd
-        self.probe = probe
+        if probe is not None:
+            self.probe = probe
         size = self.body_size()
-        if size == 0:
-            self.body_read()  # no body
+        if size == 0:  # no body: watch now (body_read() written out: most requests)
+            w = self._watcher = _watcher_mod._watcher or watcher()
+            if fd >= 0:
+                if not w.watch_fd(fd, self):
+                    self.fd = -1
+            elif probe is not None:
+                w.watch_probe(probe, self)
             return
         if size is not None and size <= EAGER_BODY_LIMIT:
             # A short body is read ahead (the server has it, or will in a
@@ -190,24 +220,35 @@ class WsgiRequest(Request):
         environ["wsgi.input"] = _BodyWatch(environ["wsgi.input"], left, self)
 
     def body_read(self) -> None:
-        if self.finished or self.watched:
+        if self.finished or self._watcher is not None:
             return
-        self.watched = True
+        w = self._watcher = watcher()
         if self.fd >= 0:
-            if not watcher().watch_fd(self.fd, self):
+            if not w.watch_fd(self.fd, self):
                 self.fd = -1
         elif self.probe is not None:
-            watcher().watch_probe(self.probe, self)
+            w.watch_probe(self.probe, self)
 
-    def grace_over(self) -> None:
-        """Still running after the grace period (the watcher's thread): arm the
-        deadline timer."""
+    def arm_deadline(self) -> None:
+        """The deadline is near (the watcher's thread): arm the timer."""
         root = getattr(self, "root", None)
         if root is not None and not self.finished:
             root.arm()
 
     def deadline_moved(self) -> None:
-        if self.urgent and not self.finished:
+        if self.finished:
+            return
+        when = self.deadline_at
+        w = self._timed_by
+        if when != _INF and when - time.monotonic() > ARM_AHEAD:
+            if w is None:
+                w = self._timed_by = _watcher_mod._watcher or watcher()
+            w.watch_deadline(self)  # (again: it may be earlier)
+            return
+        if w is not None:
+            self._timed_by = None
+            w.unwatch_deadline(self)
+        if when != _INF:
             self.root.arm()
 
     def client_left(self) -> None:
@@ -254,25 +295,26 @@ class WsgiRequest(Request):
             return _discard
         if exc_info is None and (self.started or self.flushed):
             raise AssertionError("start_response() called again without exc_info")
-        rid_name = self.config.request_id_header
-        rid_str = rid_name.decode("latin-1")
-        out = []
-        for item in headers:
-            name = item[0].lower()
-            if name == rid_str:
-                continue
+        rid = self.rid_name
+        theirs = False
+        for name, value in headers:
+            name = name.lower()
             if name == "content-length":
-                value = item[1].strip()
+                value = value.strip()
                 self.expect = int(value) if value.isdigit() else -1
-            out.append(item)
-        out.append((rid_str, self.request_id))
+            elif name == rid:
+                theirs = True
+        # Ours replaces the app's (a copy: the app may reuse its list).
+        out = [h for h in headers if h[0].lower() != rid] if theirs else list(headers)
+        out.append((rid, self.request_id))
         self.status = code
         self.started = True
         environ = self.environ
         if self.expect == 0 or (environ is not None and environ.get("REQUEST_METHOD") == "HEAD"):
             self.complete = True  # nothing (more) to send after the headers
         self._pending = (status, out)
-        self.ours = False
+        if self.ours:  # (an answer of ours was pending: the app's replaces it)
+            self.ours = False
         return self.write
 
     def flush(self) -> None:
@@ -305,7 +347,7 @@ class WsgiRequest(Request):
             err = self.root.err()
             raise err if err is not None else RuntimeError("the response started")
         self.status = code
-        rid = self.config.request_id_header.decode("latin-1")
+        rid = self.rid_name
         self._pending = (
             _status_line(code),
             [
@@ -366,7 +408,7 @@ class WsgiRequest(Request):
         finally:
             self.finish()
 
-    def respond(self, result: Iterable[bytes]) -> WsgiRequest | list[bytes]:
+    def respond(self, result: Iterable[bytes]) -> Iterable[bytes]:
         """The app returned ``result``: the iterable the server gets."""
         if self._answer is not None:
             # We answered for the app (its 500 for our cancellation).
@@ -381,75 +423,84 @@ class WsgiRequest(Request):
         self._it = iter(result)
         return self
 
-    def __iter__(self) -> WsgiRequest:
-        return self
-
-    def __next__(self) -> bytes:
+    def __iter__(self) -> Iterator[bytes]:
+        # A generator, not a __next__ method: no Python call per chunk, and
+        # the end of the app's iterable ends the server's loop without a
+        # StopIteration caught and raised again (next() with a default).
         it = self._it
-        if it is None:
-            if self._answer is not None:
-                body = self._answer
-                self._answer = b""
-                self.flush()
-                if body:
-                    return body
+        if it is None:  # (iterated again after it ended)
+            body = self._answer
+            self._answer = None
             self.flush()
-            raise StopIteration
+            if body:
+                yield body
+            return
         root = self.root
-        err = root.err()
-        if err is not None and not self.complete:
-            return self._stop_early()
-        token = CURRENT_CONTEXT.set(root)
-        try:
-            chunk = next(it)
-        except StopIteration:
-            self.complete = True
-            self.flush()  # an empty body: the headers go now
-            raise
-        except Exception as exc:
-            if root.err() is not None and (
-                isinstance(exc, ContextError) or isinstance(cause(root), ClientDisconnected)
-            ):
-                return self._stop_early(exc)
-            self.failed = True
-            raise
-        finally:
-            CURRENT_CONTEXT.reset(token)
-        if self.ours:
-            # The app's error handler answered for our cancellation while
-            # iterating (start_response with a 500): our answer, not its body.
-            return self._stop_early()
-        if not self.flushed:
-            self.flush()
-        if chunk:
-            self.sent_body = True
-            expect = self.expect
-            if expect > 0:
-                expect -= len(chunk)
-                self.expect = expect
-                if expect <= 0:
-                    # Mark it complete before the server sends the last bytes:
-                    # a client that closes on reading them has not left early.
-                    self.complete = True
-        return chunk
+        while True:
+            # (Once the response is complete, a late deadline changes nothing.)
+            if not self.complete and root.err() is not None:
+                tail = self._stop_early()
+                break
+            token = CURRENT_CONTEXT.set(root)
+            try:
+                chunk = next(it, _END)
+            except Exception as exc:
+                if root.err() is not None and (
+                    isinstance(exc, ContextError) or isinstance(cause(root), ClientDisconnected)
+                ):
+                    tail = self._stop_early(exc)
+                    break
+                self.failed = True
+                raise
+            finally:
+                CURRENT_CONTEXT.reset(token)
+            if chunk is _END:
+                self.complete = True
+                if not self.flushed:
+                    self.flush()  # an empty body: the headers go now
+                return
+            if self.ours:
+                # The app's error handler answered for our cancellation while
+                # iterating (start_response with a 500): our answer, not its body.
+                tail = self._stop_early()
+                break
+            if not self.flushed:  # the first chunk: the headers go first
+                pending = self._pending
+                if pending is not None:  # (flush() written out)
+                    self._pending = None
+                    self.flushed = True
+                    self._server_write = self.server_start_response(*pending)
+            if chunk:
+                self.sent_body = True
+                expect = self.expect
+                if expect > 0:
+                    expect -= len(chunk)
+                    self.expect = expect
+                    if expect <= 0:
+                        # Mark it complete before the server sends the last bytes:
+                        # a client that closes on reading them has not left early.
+                        self.complete = True
+            # (The root is not bound while the server has the chunk.)
+            yield chunk
+        if tail:
+            yield tail
 
     def _stop_early(self, exc: BaseException | None = None) -> bytes:
         """The root is done while the response is under way: stop the app's
-        iterable; answer the deadline if nothing was sent yet, else abort."""
+        iterable; answer the deadline if nothing was sent yet (the last chunk:
+        b"" for none), else abort (raise)."""
         self._it = None
         self._close_inner()
         root = self.root
         err = root.err()
         if self.client_gone or isinstance(cause(root), ClientDisconnected):
             self.flush()
-            raise StopIteration  # nobody to send to
+            return b""  # nobody to send to
         if self.ours and self._pending is not None:
             body = self._answer or b""  # answered already (the app's 500 handler)
             self._answer = None
             self.flush()
-            if body:
-                return body
-            raise StopIteration
+            return body
         if not self.flushed:
             info: ExcInfo | None = None
             if self.started:
@@ -458,9 +509,7 @@ class WsgiRequest(Request):
                 info = (type(e), e, e.__traceback__)
             body = self.answer_done(info)  # replaces the app's pending start
             self.flush()
-            if body:
-                return body
-            raise StopIteration
+            return body
         # The response started: abort it (never a response that looks whole).
         assert err is not None
         raise err
@@ -470,7 +519,11 @@ class WsgiRequest(Request):
         self._inner = None
         close = getattr(inner, "close", None)
         if close is not None:
-            token = CURRENT_CONTEXT.set(self.root)
+            root = self.root
+            if CURRENT_CONTEXT.get() is root:
+                close()
+                return
+            token = CURRENT_CONTEXT.set(root)
             try:
                 close()
             finally:
@@ -480,35 +533,57 @@ class WsgiRequest(Request):
         """The server is done with the response (Go's ServeHTTP return)."""
         if self.finished:
             return
+        if not self.complete and self.fd >= 0 and self.root.err() is None and hung_up(self.fd):
+            # The server stopped early because a send failed: the client left
+            # before the watcher thread saw its FIN. The same disconnect.
+            self.client_left()
+        # The root bound once for the app's close() and our end(), not twice.
+        token = CURRENT_CONTEXT.set(self.root)
         try:
-            self._close_inner()
+            inner = self._inner
+            self._inner = None
+            close = getattr(inner, "close", None)
+            if close is not None:
+                close()
         finally:
-            self.finish()
+            try:
+                self.finish()
+            finally:
+                CURRENT_CONTEXT.reset(token)
 
     def finish(self) -> None:
         if self.finished:
             return
         self.finished = True
-        if self.watched:
+        w = self._timed_by
+        if w is not None:
+            w.unwatch_deadline(self)
+        w = self._watcher
+        if w is not None:
             if self.fd >= 0:
-                watcher().unwatch_fd(self.fd, self)
+                w.unwatch_fd(self.fd, self)
             elif self.probe is not None:
-                watcher().unwatch_probe(self)
-        self.probe = None
+                w.unwatch_probe(self)
+        if self.probe is not None:
+            self.probe = None
         self._it = None
         self._server_write = None
         environ = self.environ
         self.environ = None
         root = self.root
         err_before = root.err()
-        token = CURRENT_CONTEXT.set(root)
-        try:
-            if environ is not None:
-                self.end(environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
-            else:
-                self.end(None, None)
-        finally:
-            CURRENT_CONTEXT.reset(token)
+        method = path = None
+        if environ is not None:
+            method = environ.get("REQUEST_METHOD")
+            path = environ.get("PATH_INFO")
+        if CURRENT_CONTEXT.get() is root:  # close(), or within the app's call
+            self.end(method, path)
+        else:
+            token = CURRENT_CONTEXT.set(root)
+            try:
+                self.end(method, path)
+            finally:
+                CURRENT_CONTEXT.reset(token)
         if err_before is not None:
             # Break the cycle error -> traceback -> frames -> request.
             err_before.__traceback__ = None

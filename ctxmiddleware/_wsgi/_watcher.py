@@ -10,45 +10,67 @@ registered. Elsewhere than Linux, ``poll()`` replaces epoll: it sees a
 hang-up, and a FIN only when no unread bytes are in the way.
 
 Registering costs the request thread one ``epoll_ctl`` call (no wake-up of
-the watcher); unregistering another. The thread never blocks on a request.
+the watcher); unregistering another. (A socket left registered would cost a
+wake-up per request: gunicorn's sync worker closes a connection by a
+half-close, then waits for the client's FIN, which epoll would report.)
+
+The thread also arms the deadline timers (the core's timer thread fires them)
+of the requests still running :data:`ARM_AHEAD` seconds before their deadline
+(:meth:`Watcher.watch_deadline`): a request costs a set insertion and removal,
+and wakes the thread only if it is due before the time the thread looks next
+(not when every request has the same timeout: about once per timeout). Most
+requests end long before their deadline and never arm a timer.
+
+The thread never blocks on a request, and nothing wakes it but a client
+leaving, waitress's probes and a deadline coming up: no work per request.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import select
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["PROBE_EVERY", "Watched", "Watcher", "watcher"]
+__all__ = ["ARM_AHEAD", "PROBE_EVERY", "Timed", "Watched", "Watcher", "hung_up", "watcher"]
 
 PROBE_EVERY = 0.002
 """How often waitress's ``client_disconnected()`` is asked (seconds)."""
+
+ARM_AHEAD = 1.0
+"""How long before a watched deadline the thread arms its timer (seconds): far
+more than the thread can be late waking up (GIL, load). A request with less
+left than that arms its own timer at once."""
 
 _EPOLL = getattr(select, "epoll", None)
 _RDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)
 _HANGUP = select.POLLHUP | select.POLLERR | _POLLRDHUP
+# One-shot: a hung-up socket reports once, not at every wait.
+_WATCH = _RDHUP | getattr(select, "EPOLLONESHOT", 0x40000000)
 
 
 class Watched(Protocol):
     """What the watcher tells a request (the WSGI request)."""
 
-    arrival: float
-    finished: bool
-
     def client_left(self) -> None: ...
 
-    def grace_over(self) -> None: ...
+
+class Timed(Protocol):
+    """A request whose deadline timer the watcher arms (the WSGI request)."""
+
+    deadline_at: float  # (time.monotonic(); read when the thread looks)
+
+    def arm_deadline(self) -> None: ...
 
 
-def _hung_up(fd: int) -> bool:
+def hung_up(fd: int) -> bool:
     """The socket ``fd`` reports a FIN, hang-up or error right now."""
     p = select.poll()
     p.register(fd, _HANGUP | (0 if _POLLRDHUP else select.POLLIN))
@@ -81,10 +103,12 @@ class Watcher:
         if self._epoll is not None:
             self._epoll.register(self._wake_r, select.EPOLLIN)
         self._poll_changed = True
-        # Requests in their grace period, oldest first (see note()).
-        self.fresh: deque[Watched] = deque()
-        self.grace = 0.001
-        self._fresh_noted = False
+        # Requests whose timer the thread arms ARM_AHEAD seconds before their
+        # deadline; when it looks at them next (math.inf: none to look at;
+        # -math.inf while it looks).
+        self.timed: set[Timed] = set()
+        self._arm_at = math.inf
+        self._look = False  # watch_deadline() wants the thread to look now
         self.thread = threading.Thread(
             target=self._run, name="ctxmiddleware-wsgi-watcher", daemon=True
         )
@@ -97,12 +121,10 @@ class Watcher:
         self.by_fd[fd] = request
         ep = self._epoll
         if ep is not None:
-            # One-shot: a hung-up socket reports once, not at every wait.
-            mask = _RDHUP | select.EPOLLONESHOT
             try:
-                ep.register(fd, mask)
+                ep.register(fd, _WATCH)
             except FileExistsError:  # a request on this connection never ended
-                ep.modify(fd, mask)
+                ep.modify(fd, _WATCH)
             except OSError:
                 self.by_fd.pop(fd, None)
                 return False
@@ -123,14 +145,19 @@ class Watcher:
         else:
             self._changed()
 
-    def note(self, request: Watched) -> None:
-        """``request`` started: call its ``grace_over()`` from this thread once
-        ``grace`` seconds have passed, if it has not finished by then (most
-        requests have: they never pay for a deadline timer)."""
-        self.fresh.append(request)
-        if not self._fresh_noted:
-            self._fresh_noted = True
+    def watch_deadline(self, request: Timed) -> None:
+        """Call ``request.arm_deadline()`` from the thread ``ARM_AHEAD``
+        seconds before ``request.deadline_at`` (its value then), unless
+        :meth:`unwatch_deadline` comes first. Call it again if the deadline
+        moved earlier."""
+        self.timed.add(request)
+        # (Read after the insertion: see _arm_due().)
+        if request.deadline_at - ARM_AHEAD < self._arm_at:
+            self._look = True
             self._wake()
+
+    def unwatch_deadline(self, request: Timed) -> None:
+        self.timed.discard(request)
 
     def watch_probe(self, probe: Callable[[], bool], request: Watched) -> None:
         """Ask ``probe()`` every PROBE_EVERY seconds for ``request`` (waitress)."""
@@ -160,11 +187,11 @@ class Watcher:
         wake_r = self._wake_r
         ep = self._epoll
         poller: select.poll | None = None
-        fresh = self.fresh
         while True:
             timeout = PROBE_EVERY if self.probes else None
-            if fresh:
-                wait = fresh[0].arrival + self.grace - time.monotonic()
+            arm_at = self._arm_at
+            if arm_at != math.inf:
+                wait = arm_at - time.monotonic()
                 wait = wait if wait > 0 else 0
                 if timeout is None or wait < timeout:
                     timeout = wait
@@ -182,8 +209,8 @@ class Watcher:
             # request it named alive while the thread sleeps.)
             if events:
                 self._events(events, wake_r)
-            if fresh:
-                self._grace(fresh)
+            if self._look or time.monotonic() >= self._arm_at:
+                self._arm_due()
             if self.probes:
                 self._ask_probes()
 
@@ -199,7 +226,7 @@ class Watcher:
             request = self.by_fd.get(fd)
             # The event may be stale (the request ended, and a new request
             # got the same fd number): confirm it on the socket itself.
-            if request is not None and _hung_up(fd):
+            if request is not None and hung_up(fd):
                 self._gone(fd, request)
             elif self._epoll is None and request is not None:
                 # poll() without POLLRDHUP woke for bytes (pipelined):
@@ -220,25 +247,34 @@ class Watcher:
                     self.probes.pop(request, None)
                 _tell(request)
 
-    def _grace(self, fresh: deque[Watched]) -> None:
-        limit = time.monotonic() - self.grace
-        while fresh:
-            request = fresh[0]
-            if request.finished:
-                fresh.popleft()
-            elif request.arrival <= limit:
-                fresh.popleft()
-                try:
-                    request.grace_over()
-                except Exception:
-                    logging.getLogger("ctxmiddleware").exception("ctxmiddleware: grace_over")
-            else:
+    def _arm_due(self) -> None:
+        """Arm the timers due (ARM_AHEAD before their deadline); note when to
+        look next."""
+        timed = self.timed
+        self._look = False
+        # While it is -math.inf, watch_deadline() does not wake the thread: a
+        # request it adds meanwhile is seen by the second look below (it is
+        # added before watch_deadline() reads _arm_at).
+        self._arm_at = -math.inf
+        while True:
+            now = time.monotonic()
+            nxt = math.inf
+            for request in list(timed):
+                at = request.deadline_at - ARM_AHEAD
+                if at <= now:
+                    timed.discard(request)
+                    try:
+                        request.arm_deadline()
+                    except Exception:
+                        logging.getLogger("ctxmiddleware").exception(
+                            "ctxmiddleware: arming a deadline failed"
+                        )
+                elif at < nxt:
+                    nxt = at
+            self._arm_at = nxt
+            if all(request.deadline_at - ARM_AHEAD >= nxt for request in list(timed)):
                 return
-        # Empty: the next note() wakes us. (Checked again after clearing the
-        # flag: a request noted in between saw it still set and did not wake us.)
-        self._fresh_noted = False
-        if fresh:
-            self._fresh_noted = True
+            self._arm_at = -math.inf
 
     def _gone(self, fd: int, request: Watched) -> None:
         if self.by_fd.get(fd) is request:
