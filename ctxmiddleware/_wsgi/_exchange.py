@@ -533,9 +533,9 @@ class WsgiRequest(Request):
         """The server is done with the response (Go's ServeHTTP return)."""
         if self.finished:
             return
-        if not self.complete and self.fd >= 0 and self.root.err() is None and hung_up(self.fd):
+        if not self.complete and self.root.err() is None and self._client_gone_now():
             # The server stopped early because a send failed: the client left
-            # before the watcher thread saw its FIN. The same disconnect.
+            # before the watcher thread saw it go. The same disconnect.
             self.client_left()
         # The root bound once for the app's close() and our end(), not twice.
         token = CURRENT_CONTEXT.set(self.root)
@@ -550,6 +550,17 @@ class WsgiRequest(Request):
                 self.finish()
             finally:
                 CURRENT_CONTEXT.reset(token)
+
+    def _client_gone_now(self) -> bool:
+        if self.fd >= 0:
+            return hung_up(self.fd)
+        probe = self.probe
+        if probe is None:
+            return False
+        try:
+            return bool(probe())
+        except Exception:  # the server's callable: never fail the close
+            return False
 
     def finish(self) -> None:
         if self.finished:
