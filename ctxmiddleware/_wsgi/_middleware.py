@@ -77,10 +77,6 @@ class WSGIContextMiddleware:
                 result = self.app(environ, request.start_response)
             except BaseException as exc:
                 return request.app_raised(exc)
-            if request._answer is None:  # (respond()'s common case, written out)
-                request._inner = result
-                request._it = iter(result)
-                return request
             return request.respond(result)
         finally:
             CURRENT_CONTEXT.reset(token)
