@@ -281,19 +281,22 @@ def test_no_thread_fd_or_context_left_after_1000_requests_with_random_disconnect
         for th in threads:
             th.join(50)
         assert not errors
+        # Waits for the server too: gunicorn closes a kept-alive connection whose client
+        # left only when its poller next sees the EOF, so its fd may outlive the request
+        # by a moment. A leak is an fd that never goes.
         end = time.monotonic() + 10
         while True:
             after = state(srv)
-            if after["watching"] == 0 and after["live_requests"] <= 1:
+            if (after["watching"] == 0 and after["live_requests"] <= 1
+                    and after["fds"] <= before["fds"] + 2):
                 break
-            assert time.monotonic() < end, after
+            assert time.monotonic() < end, (before, after)
             time.sleep(0.01)
         assert after["watchers"] == 1
         def ours(st: dict) -> list[str]:  # gunicorn's pool grows its threads lazily
             return sorted(n for n in st["thread_names"] if not n.startswith("ThreadPool"))
 
         assert ours(after) == ours(before), (before, after)
-        assert after["fds"] <= before["fds"] + 2, (before, after)
 
 
 @pytest.mark.skipif(not uwsgi_available(), reason="uWSGI is not installed")
