@@ -1296,6 +1296,67 @@ def test_failed_rollback_is_retried_asyncpg(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("flavour", ["async", "sync"])
+def test_failed_rollback_is_retried_psycopg(
+    flavour: str, monkeypatch: pytest.MonkeyPatch, monitor: Monitor
+) -> None:
+    """The same race with psycopg (found by the 1,000-request storm in CI): psycopg
+    logs "error ignored in rollback" and lets the block's error through, so the
+    helper never saw the failure and the connection stayed in the aborted
+    transaction (the next transaction() became a SAVEPOINT and failed with
+    InFailedSqlTransaction). Reproduced by failing the first ROLLBACK that way."""
+    cls = psycopg.AsyncConnection if flavour == "async" else psycopg.Connection
+    real_exec = cls._exec_command
+    fail = {"next": False}
+
+    def exec_command(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        if fail["next"] and bytes(command).strip().upper() == b"ROLLBACK":
+            fail["next"] = False
+            raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        return (yield from real_exec(self, command, *args, **kwargs))
+
+    monkeypatch.setattr(cls, "_exec_command", exec_command)
+    app_name = f"{APP}-rbretry-{flavour}"
+    idle = psycopg.pq.TransactionStatus.IDLE
+
+    async def main() -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            DSN, autocommit=True, application_name=app_name
+        )
+        try:
+            for _ in range(2):
+                ctx, cancel = with_timeout(background(), 5.0)
+                fail["next"] = True
+                with pytest.raises(ValueError):
+                    async with psycopg_transaction(conn, ctx):
+                        raise ValueError("the block fails: the helper rolls back")
+                cancel()
+                assert not fail["next"], "the ROLLBACK was not attempted"
+                assert conn.info.transaction_status == idle
+                async with psycopg_transaction(conn, background()) as c:
+                    assert await (await c.execute("SELECT 1")).fetchone() == (1,)
+                assert await _show_outside("psycopg-conn", conn) == "0"
+            await asyncio.to_thread(monitor.wait_clean, app_name, 1)
+        finally:
+            await conn.close()
+
+    if flavour == "async":
+        asyncio.run(main())
+        return
+    with psycopg.connect(DSN, autocommit=True, application_name=app_name) as conn:
+        for _ in range(2):
+            ctx, cancel = with_timeout(background(), 5.0)
+            fail["next"] = True
+            with pytest.raises(ValueError), psycopg_transaction_sync(conn, ctx):
+                raise ValueError("the block fails: the helper rolls back")
+            cancel()
+            assert not fail["next"], "the ROLLBACK was not attempted"
+            assert conn.info.transaction_status == idle
+            with psycopg_transaction_sync(conn, background()) as c:
+                assert c.execute("SELECT 1").fetchone() == (1,)
+        monitor.wait_clean(app_name, 1)
+
+
 # -- fail fast ------------------------------------------------------------------
 
 

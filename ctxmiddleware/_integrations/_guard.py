@@ -330,7 +330,9 @@ async def finish_uninterrupted(
     If entering or exiting fails (BEGIN interrupted; a ROLLBACK hit by a late
     cancel request), ``repair(entering)`` may return a repair to run to the
     end, such as another ROLLBACK; its own errors are dropped and the
-    original error propagates.
+    original error propagates. After a rollback it is called even when the
+    exit did not raise (a driver may log a failed ROLLBACK and carry on), so
+    it must check the connection's state first.
     """
     try:
         value = await cm.__aenter__()
@@ -347,6 +349,9 @@ async def finish_uninterrupted(
         except BaseException:
             await _repair(repair, False, on_timeout)
             raise
+        # Not only when the exit raised: psycopg logs a failed ROLLBACK and lets
+        # the block's error through, leaving the connection in the transaction.
+        await _repair(repair, False, on_timeout)
         if not swallow:
             raise
     else:
