@@ -253,15 +253,17 @@ def _asyncpg_repair(conn: Any, tr: Any) -> Callable[[bool], Awaitable[None] | No
     """
     raw = getattr(conn, "_con", None) or conn  # a pool's PoolConnectionProxy
 
+    def in_transaction() -> bool:
+        return not raw.is_closed() and bool(raw.is_in_transaction())
+
     def repair(entering: bool) -> Awaitable[None] | None:
         top = getattr(raw, "_top_xact", None)
         if top is not None and top is not tr:
             return None  # a nested transaction (SAVEPOINT): the outer one owns the state
         raw._top_xact = None
-        return _rollback_until_idle(
-            raw.execute, lambda: not raw.is_closed() and raw.is_in_transaction(),
-            raw.terminate, entering,
-        )
+        if not entering and not in_transaction():
+            return None  # the common case, decided without a round trip or a task
+        return _rollback_until_idle(raw.execute, in_transaction, raw.terminate, entering)
 
     return repair
 
@@ -387,12 +389,12 @@ def _psycopg_in_transaction(conn: Any) -> Callable[[], bool]:
 def _psycopg_repair(conn: Any) -> Callable[[bool], Awaitable[None] | None]:
     """Get a psycopg ``AsyncConnection`` out of a transaction whose BEGIN or end failed."""
 
+    in_transaction = _psycopg_in_transaction(conn)
+
     def repair(entering: bool) -> Awaitable[None] | None:
-        if conn.closed:
-            return None
-        return _rollback_until_idle(
-            conn.execute, _psycopg_in_transaction(conn), _closer(conn), entering
-        )
+        if conn.closed or (not entering and not in_transaction()):
+            return None  # the common case, decided without a round trip or a task
+        return _rollback_until_idle(conn.execute, in_transaction, _closer(conn), entering)
 
     return repair
 
