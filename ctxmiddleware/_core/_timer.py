@@ -75,7 +75,6 @@ class _Entry(list[object], Timer):  # a list: the heap compares it in C
     """
 
     __slots__ = ()
-    _loop = None  # (what a loop timer names; tests read it)
 
     def cancel(self) -> None:
         # Lock-free: one store under the GIL. Racing the thread, either it
@@ -125,9 +124,6 @@ class _TimerThread:
         finally:
             lock.release()
         return entry
-
-    def cancel(self, entry: _Entry) -> None:
-        entry.cancel()
 
     def _purge(self) -> list[_Entry]:
         """Drop the cancelled entries (lock held); a new heap list."""
